@@ -1,0 +1,416 @@
+"""``Karlo``: load a text-to-image Karlo model and run it whole or stage by stage.
+
+The three stages (text + prior -> decoder -> super-res) take and return plain arrays so that each can run in
+its own process: a stage hands the next one its outputs and every row's generator state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import text as text_lib
+from .config import KarloConfig, PriorConfig, SchedulerConfig, TextProjConfig, UNetConfig
+from .noise import generator_states, generators_from_seeds, generators_from_states
+from .prior import PriorTransformer
+from .sampling import cfg_denoiser, sample_loop, to_uint8, upsample
+from .scheduler import UnCLIPSchedule
+from .text import TextEncoding
+from .text_proj import TextProjection
+from .unet import UNet
+from .weights import WeightsError, load_into, load_state_dict, local_repo, read_json
+
+STAGES = ("prior", "decoder", "super_res")
+# Repo components each stage needs.
+STAGE_COMPONENTS = {
+    "prior": ("tokenizer", "text_encoder", "prior", "prior_scheduler"),
+    "decoder": ("text_proj", "decoder", "decoder_scheduler"),
+    "super_res": ("super_res_first", "super_res_last", "super_res_scheduler"),
+}
+# model_index.json entries we accept: library names vary (the hub says "unclip" for text_proj).
+EXPECTED_CLASSES = {
+    "tokenizer": "CLIPTokenizer",
+    "text_encoder": "CLIPTextModelWithProjection",
+    "prior": "PriorTransformer",
+    "text_proj": "UnCLIPTextProjModel",
+    "decoder": "UNet2DConditionModel",
+    "super_res_first": "UNet2DModel",
+    "super_res_last": "UNet2DModel",
+    "prior_scheduler": "UnCLIPScheduler",
+    "decoder_scheduler": "UnCLIPScheduler",
+    "super_res_scheduler": "UnCLIPScheduler",
+}
+MODULE_CONFIGS = {
+    "prior": PriorConfig,
+    "text_proj": TextProjConfig,
+    "decoder": UNetConfig,
+    "super_res_first": UNetConfig,
+    "super_res_last": UNetConfig,
+}
+MODULE_CLASSES = {
+    PriorConfig: PriorTransformer,
+    TextProjConfig: TextProjection,
+    UNetConfig: UNet,
+}
+
+
+def _per_row(value: float | Sequence[float], n: int, name: str) -> torch.Tensor:
+    """A scalar or one value per row -> (n,) float32."""
+    t = torch.as_tensor(value, dtype=torch.float32).flatten()
+    if t.numel() == 1:
+        return t.expand(n).clone()
+    if t.numel() != n:
+        raise ValueError(f"{name}: expected 1 or {n} values, got {t.numel()}")
+    return t
+
+
+@dataclass
+class Guidance:
+    """Per-row guidance scales. As in diffusers, classifier-free guidance runs for a row when either scale is
+    above 1, and then applies to both stages with that row's scales."""
+
+    prior: torch.Tensor  # (B,)
+    decoder: torch.Tensor  # (B,)
+
+    @classmethod
+    def of(cls, prior: float | Sequence[float], decoder: float | Sequence[float], n: int) -> "Guidance":
+        return cls(_per_row(prior, n, "prior_guidance_scale"), _per_row(decoder, n, "decoder_guidance_scale"))
+
+    @property
+    def enabled(self) -> torch.Tensor:  # (B,) bool
+        return (self.prior > 1.0) | (self.decoder > 1.0)
+
+
+@dataclass
+class PriorResult:
+    text: TextEncoding  # the prompts
+    negative: TextEncoding  # the unconditional text of guidance ("" unless a negative prompt is given)
+    image_embeds: torch.Tensor  # (B, D)
+    rng_state: np.ndarray  # (B, S) uint8
+
+
+@dataclass
+class DecoderResult:
+    image_64: torch.Tensor  # (B, 3, h, w) in [-1, 1]
+    rng_state: np.ndarray
+
+
+@dataclass
+class KarloOutput:
+    images: np.ndarray  # (B, H, W, 3) uint8
+    image_embeds: np.ndarray  # (B, D) float32, the prior's un-normalised CLIP image embeddings
+    text_embeds: np.ndarray  # (B, D) float32
+
+
+class Karlo:
+    """A Karlo v1 alpha text-to-image model, or the part of it that some stages need."""
+
+    def __init__(
+        self,
+        config: KarloConfig,
+        modules: dict[str, torch.nn.Module],
+        tokenizer=None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.tokenizer = tokenizer
+        self.modules = {
+            name: m.to(device=self.device, dtype=dtype).eval().requires_grad_(False) for name, m in modules.items()
+        }
+        self.prior_schedule = UnCLIPSchedule(config.prior_scheduler)
+        self.decoder_schedule = UnCLIPSchedule(config.decoder_scheduler)
+        self.super_res_schedule = UnCLIPSchedule(config.super_res_scheduler)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_url: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        *,
+        stages: Sequence[str] = STAGES,
+        storage_options: dict | None = None,
+    ) -> "Karlo":
+        """Load a diffusers-format Karlo repo (e.g. kakaobrain/karlo-v1-alpha) from a folder or fsspec URL.
+
+        ``stages`` limits loading to the components those stages need (a decoder actor loads no prior).
+        """
+        unknown = set(stages) - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
+        wanted = [c for s in STAGES if s in stages for c in STAGE_COMPONENTS[s]]
+        root = local_repo(path_or_url, wanted, storage_options)
+        configs = read_repo_configs(root)
+        modules: dict[str, torch.nn.Module] = {}
+        for comp in wanted:
+            if comp in MODULE_CONFIGS:
+                modules[comp] = _load_module(configs, comp, root / comp)
+        tokenizer = None
+        if "text_encoder" in wanted:
+            modules["text_encoder"] = _load_text_encoder(configs.text_encoder, root / "text_encoder")
+            tokenizer = text_lib.load_tokenizer(root / "tokenizer")
+        return cls(configs, modules, tokenizer, device, dtype)
+
+    def _module(self, name: str) -> torch.nn.Module:
+        try:
+            return self.modules[name]
+        except KeyError:
+            raise RuntimeError(f"this Karlo instance was loaded without {name!r}; load the stage that needs it") from None
+
+    # ------------------------------------------------------------------ stages
+
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str]) -> TextEncoding:
+        if self.tokenizer is None:
+            raise RuntimeError("this Karlo instance was loaded without the text encoder")
+        return text_lib.encode(self.tokenizer, self._module("text_encoder"), list(prompts), self.device)
+
+    @torch.no_grad()
+    def run_prior(
+        self,
+        prompts: Sequence[str],
+        generators: Sequence[torch.Generator],
+        guidance: Guidance,
+        *,
+        steps: int = 25,
+        negative_prompts: Sequence[str] | None = None,
+    ) -> tuple[TextEncoding, TextEncoding, torch.Tensor]:
+        """Text encoding + prior sampling. -> (text, negative text, image embeddings (B, D))."""
+        n = len(prompts)
+        text = self.encode_text(prompts)
+        negative = self._encode_negative(negative_prompts, n)
+        prior: PriorTransformer = self._module("prior")  # type: ignore[assignment]
+        cond = dict(text_embeds=text.embeds, text_hidden=text.hidden, text_mask=text.mask)
+        if bool(guidance.enabled.any()):
+            uncond = dict(text_embeds=negative.embeds, text_hidden=negative.hidden, text_mask=negative.mask)
+            fn = cfg_denoiser(prior, cond, uncond, guidance.prior.to(self.device), guidance.enabled.to(self.device))
+        else:
+            fn = lambda x, t: prior(x, t, **cond)  # noqa: E731
+        z = sample_loop(fn, self.prior_schedule, steps, (prior.cfg.embedding_dim,), generators, text.embeds.dtype,
+                        self.device)
+        return text, negative, prior.unnormalise(z)
+
+    @torch.no_grad()
+    def run_decoder(
+        self,
+        image_embeds: torch.Tensor,  # (B, D)
+        text: TextEncoding,
+        negative: TextEncoding,
+        generators: Sequence[torch.Generator],
+        guidance: Guidance,
+        *,
+        steps: int = 25,
+    ) -> torch.Tensor:
+        """Text projection + 64 px decoder sampling. -> (B, 3, h, w) in [-1, 1]."""
+        text_proj: TextProjection = self._module("text_proj")  # type: ignore[assignment]
+        decoder: UNet = self._module("decoder")  # type: ignore[assignment]
+        b = image_embeds.shape[0]
+        image_embeds = image_embeds.to(self.device, self.dtype)
+        context, additive = text_proj(image_embeds, text.embeds, text.hidden)
+        cond = dict(context=context, context_mask=self._decoder_mask(text.mask), class_labels=additive)
+        channels = decoder.cfg.in_channels
+        if bool(guidance.enabled.any()):
+            # Unconditional half: learned stand-in for the image embedding + the negative (default "") text.
+            u_context, u_additive = text_proj(
+                text_proj.unconditional_image_embeds(b, self.dtype), negative.embeds, negative.hidden
+            )
+            uncond = dict(context=u_context, context_mask=self._decoder_mask(negative.mask), class_labels=u_additive)
+            fn = cfg_denoiser(decoder, cond, uncond, guidance.decoder.to(self.device),
+                              guidance.enabled.to(self.device), guided_channels=channels)
+        else:
+            fn = lambda x, t: decoder(x, t, **cond)  # noqa: E731
+        size = decoder.cfg.sample_size
+        x = sample_loop(fn, self.decoder_schedule, steps, (channels, size, size), generators, self.dtype, self.device)
+        return x.clamp(-1, 1)
+
+    @torch.no_grad()
+    def run_super_res(
+        self, image_64: torch.Tensor, generators: Sequence[torch.Generator], *, steps: int = 7
+    ) -> torch.Tensor:
+        """64 -> 256 px: ``super_res_first`` for every step but the last, ``super_res_last`` for the last.
+        -> (B, 3, H, W) in [-1, 1]."""
+        first: UNet = self._module("super_res_first")  # type: ignore[assignment]
+        last: UNet = self._module("super_res_last")  # type: ignore[assignment]
+        size = self.config.image_size
+        low = upsample(image_64.to(self.device, self.dtype), size)  # (B, 3, H, W)
+        channels = low.shape[1]
+
+        def with_image(net: UNet):
+            return lambda x, t: net(torch.cat([x, low], dim=1), t)
+
+        denoisers = (with_image(first), with_image(last))
+        return sample_loop(
+            denoisers[0], self.super_res_schedule, steps, (channels, size, size), generators, self.dtype, self.device,
+            pick=lambda i: denoisers[1] if i == steps - 1 else denoisers[0],
+        )
+
+    def _encode_negative(self, negative_prompts: Sequence[str] | None, n: int) -> TextEncoding:
+        """Encode each distinct negative prompt once (usually only "")."""
+        negs = [""] * n if negative_prompts is None else list(negative_prompts)
+        if len(negs) != n:
+            raise ValueError(f"negative_prompts: expected {n} values, got {len(negs)}")
+        distinct = sorted(set(negs))
+        enc = self.encode_text(distinct)
+        index = torch.tensor([distinct.index(s) for s in negs], device=self.device)
+        return enc.select(index)
+
+    def _decoder_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, 77) -> (B, extra + 77): the image-derived context tokens are always visible."""
+        extra = self.config.text_proj.clip_extra_context_tokens
+        return torch.nn.functional.pad(mask, (extra, 0), value=True)
+
+    # ------------------------------------------------------------------ array-in, array-out stage API
+
+    def prior_stage(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        steps: int = 25,
+        prior_guidance_scale: float | Sequence[float] = 4.0,
+        decoder_guidance_scale: float | Sequence[float] = 8.0,
+        negative_prompts: Sequence[str] | None = None,
+    ) -> PriorResult:
+        """First stage: fresh generators from the seeds; hands over their state."""
+        gens = generators_from_seeds(seeds)
+        guidance = Guidance.of(prior_guidance_scale, decoder_guidance_scale, len(prompts))
+        text, negative, image_embeds = self.run_prior(
+            prompts, gens, guidance, steps=steps, negative_prompts=negative_prompts
+        )
+        return PriorResult(text, negative, image_embeds, generator_states(gens))
+
+    def decoder_stage(
+        self,
+        image_embeds: np.ndarray | torch.Tensor,
+        text: TextEncoding,
+        negative: TextEncoding,
+        rng_state: np.ndarray,
+        *,
+        steps: int = 25,
+        prior_guidance_scale: float | Sequence[float] = 4.0,
+        decoder_guidance_scale: float | Sequence[float] = 8.0,
+    ) -> DecoderResult:
+        gens = generators_from_states(rng_state)
+        guidance = Guidance.of(prior_guidance_scale, decoder_guidance_scale, len(gens))
+        image_64 = self.run_decoder(
+            self._tensor(image_embeds), self._to_device(text), self._to_device(negative), gens, guidance, steps=steps
+        )
+        return DecoderResult(image_64, generator_states(gens))
+
+    def super_res_stage(
+        self, image_64: np.ndarray | torch.Tensor, rng_state: np.ndarray, *, steps: int = 7
+    ) -> np.ndarray:
+        """Last stage -> (B, H, W, 3) uint8."""
+        gens = generators_from_states(rng_state)
+        return to_uint8(self.run_super_res(self._tensor(image_64), gens, steps=steps)).cpu().numpy()
+
+    def text_encoding(self, embeds, hidden, mask, truncated=None) -> TextEncoding:
+        """Rebuild a TextEncoding from arrays handed over by another process."""
+        n = len(embeds)
+        return TextEncoding(
+            self._tensor(embeds), self._tensor(hidden), torch.as_tensor(np.asarray(mask), device=self.device).bool(),
+            np.zeros(n, dtype=bool) if truncated is None else np.asarray(truncated, dtype=bool),
+        )
+
+    def _tensor(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(self.device, self.dtype)
+
+    def _to_device(self, enc: TextEncoding) -> TextEncoding:
+        return TextEncoding(
+            enc.embeds.to(self.device, self.dtype), enc.hidden.to(self.device, self.dtype), enc.mask.to(self.device),
+            enc.truncated,
+        )
+
+    # ------------------------------------------------------------------ whole model
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        prior_steps: int = 25,
+        decoder_steps: int = 25,
+        super_res_steps: int = 7,
+        prior_guidance_scale: float | Sequence[float] = 4.0,
+        decoder_guidance_scale: float | Sequence[float] = 8.0,
+        negative_prompts: Sequence[str] | None = None,
+    ) -> KarloOutput:
+        """Text -> 256 px images. Row i uses only seeds[i]: the same as
+        diffusers' UnCLIPPipeline(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds])."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        gens = generators_from_seeds(seeds)
+        guidance = Guidance.of(prior_guidance_scale, decoder_guidance_scale, len(prompts))
+        text, negative, image_embeds = self.run_prior(
+            prompts, gens, guidance, steps=prior_steps, negative_prompts=negative_prompts
+        )
+        image_64 = self.run_decoder(image_embeds, text, negative, gens, guidance, steps=decoder_steps)
+        images = to_uint8(self.run_super_res(image_64, gens, steps=super_res_steps))
+        return KarloOutput(
+            images=images.cpu().numpy(),
+            image_embeds=image_embeds.float().cpu().numpy(),
+            text_embeds=text.embeds.float().cpu().numpy(),
+        )
+
+
+def read_repo_configs(root: Path) -> KarloConfig:
+    """Every component config of a diffusers-format repo, checked against model_index.json."""
+    index = read_json(root / "model_index.json")
+    for comp, cls_name in EXPECTED_CLASSES.items():
+        entry = index.get(comp)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[1] == cls_name):
+            raise WeightsError(
+                f"{root / 'model_index.json'}: expected {comp!r} to be a {cls_name}, found {entry!r} "
+                "(is this a Karlo text-to-image repo such as kakaobrain/karlo-v1-alpha?)"
+            )
+    try:
+        return KarloConfig(
+            text_encoder=read_json(root / "text_encoder" / "config.json"),
+            prior=PriorConfig.from_dict(read_json(root / "prior" / "config.json")),
+            text_proj=TextProjConfig.from_dict(read_json(root / "text_proj" / "config.json")),
+            decoder=UNetConfig.from_dict(read_json(root / "decoder" / "config.json")),
+            super_res_first=UNetConfig.from_dict(read_json(root / "super_res_first" / "config.json")),
+            super_res_last=UNetConfig.from_dict(read_json(root / "super_res_last" / "config.json")),
+            prior_scheduler=_scheduler(root, "prior_scheduler"),
+            decoder_scheduler=_scheduler(root, "decoder_scheduler"),
+            super_res_scheduler=_scheduler(root, "super_res_scheduler"),
+        )
+    except ValueError as e:
+        if isinstance(e, WeightsError):
+            raise
+        raise WeightsError(f"{root}: {e}") from None
+
+
+def _scheduler(root: Path, name: str) -> SchedulerConfig:
+    return SchedulerConfig.from_dict(read_json(root / name / "scheduler_config.json"))
+
+
+def build_module(config: KarloConfig, component: str) -> torch.nn.Module:
+    """An uninitialised network for ``component`` (on whatever default device is active)."""
+    cfg = getattr(config, component)
+    return MODULE_CLASSES[type(cfg)](cfg)
+
+
+def _load_module(config: KarloConfig, component: str, folder: Path) -> torch.nn.Module:
+    with torch.device("meta"):  # no time or memory spent on an init that the checkpoint overwrites
+        module = build_module(config, component)
+    state, source = load_state_dict(folder)
+    load_into(module, state, source)
+    return module
+
+
+def _load_text_encoder(config: dict, folder: Path) -> torch.nn.Module:
+    encoder = text_lib.build_text_encoder(config)
+    state, source = load_state_dict(folder)
+    load_into(encoder, state, source)
+    return encoder

@@ -1,0 +1,182 @@
+"""Loading and saving diffusers-format Karlo repositories, locally or from any fsspec URL.
+
+Weights come from safetensors (preferred) or from ``.bin``/``.ckpt`` files read with
+``torch.load(weights_only=True)``: nothing but tensors is ever unpickled. Loading is strict: a missing,
+unexpected or mis-shaped key is an error that names the keys and the file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Mapping
+
+import fsspec
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+# Weight file names per component, in order of preference (diffusers and transformers conventions).
+WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "model.safetensors.index.json",
+    "diffusion_pytorch_model.bin",
+    "pytorch_model.bin",
+)
+# Keys that exist in published checkpoints but are not weights: transformers' position_ids buffer (int64).
+NON_WEIGHT_KEYS = ("text_model.embeddings.position_ids",)
+
+
+class WeightsError(ValueError):
+    """A model repository or weight file that cannot be loaded as asked."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KARLO_CACHE", Path.home() / ".cache" / "karlo-pipeline"))
+
+
+def is_remote(path_or_url: str) -> bool:
+    return "://" in str(path_or_url) and not str(path_or_url).startswith("file://")
+
+
+def local_repo(path_or_url: str | os.PathLike, components: list[str], storage_options: dict | None = None) -> Path:
+    """A local folder holding the repo's files needed for ``components``.
+
+    Remote repos are copied once per machine into the cache (a file lock makes concurrent actors on one node
+    wait for a single download instead of each fetching gigabytes); only one weight format per component is
+    fetched.
+    """
+    path = str(path_or_url)
+    if not is_remote(path):
+        root = Path(path.removeprefix("file://"))
+        if not root.is_dir():
+            raise WeightsError(f"model folder {root} does not exist")
+        return root
+    fs, remote_root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    digest = hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16]
+    dest = cache_root() / "models" / digest
+    dest.mkdir(parents=True, exist_ok=True)
+    with open(dest / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        for rel in _remote_files(fs, remote_root, components):
+            target = dest / rel
+            size = fs.size(f"{remote_root}/{rel}")
+            if target.exists() and target.stat().st_size == size:
+                continue  # complete from an earlier download (partial ones are written under a temp name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".tmp-{target.name}")
+            fs.get_file(f"{remote_root}/{rel}", str(tmp))
+            os.replace(tmp, target)
+    return dest
+
+
+def _remote_files(fs, root: str, components: list[str]) -> list[str]:
+    if not fs.exists(f"{root}/model_index.json"):
+        raise WeightsError(f"no model_index.json under the model URL (is it a diffusers-format Karlo repo?)")
+    files = ["model_index.json"]
+    for comp in components:
+        names = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{comp}", detail=False)} if fs.isdir(
+            f"{root}/{comp}") else set()
+        if not names:
+            raise WeightsError(f"the model has no {comp}/ folder")
+        weights = next((w for w in WEIGHT_FILES if w in names), None)
+        chosen = {n for n in names if n.endswith((".json", ".txt"))}
+        if weights is not None:
+            chosen.add(weights)
+            if weights.endswith(".index.json"):
+                with fs.open(f"{root}/{comp}/{weights}") as f:
+                    chosen |= set(json.load(f)["weight_map"].values())
+        files += [f"{comp}/{n}" for n in sorted(chosen)]
+    return files
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise WeightsError(f"missing file {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, refusing anything but tensors and plain containers."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise WeightsError(
+            f"{path}: refusing to load, the file needs unpickling of arbitrary Python objects, which can run "
+            f"code; only tensors are accepted (convert it to safetensors). Details: {str(e).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise WeightsError(f"{path}: not a readable PyTorch file ({e})") from None
+
+
+def load_state_dict(component_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The component's weights and the file(s) they came from."""
+    for name in WEIGHT_FILES:
+        path = component_dir / name
+        if not path.is_file():
+            continue
+        if name.endswith(".index.json"):
+            shards = sorted(set(read_json(path)["weight_map"].values()))
+            sd: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                sd.update(_load_safetensors(component_dir / shard))
+            return sd, str(path)
+        if name.endswith(".safetensors"):
+            return _load_safetensors(path), str(path)
+        return load_torch_file(path), str(path)
+    raise WeightsError(f"no weight file in {component_dir} (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsError(f"missing weight file {path}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
+        raise WeightsError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Strict load that names every missing, unexpected and mis-shaped key. Works on meta-device modules."""
+    state = {k: v for k, v in state.items() if k not in NON_WEIGHT_KEYS}
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    problems = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", shapes)):
+        if keys:
+            shown = ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise WeightsError(f"{source} does not match the model config: " + "; ".join(problems))
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+def save_component(out_dir: Path, config: dict[str, Any], module: nn.Module, weights_name: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items() if k not in NON_WEIGHT_KEYS}
+    save_file(state, str(out_dir / weights_name))
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a weight file, for run manifests (streams; works on multi-GB files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

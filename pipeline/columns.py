@@ -1,0 +1,46 @@
+"""Column names shared by the reader, the stages and the sinks.
+
+A row travels through the whole dataset as one record: the prepare step adds the key, seed and validation
+result, each model stage adds its outputs, the sink splits good rows (images, embeddings, metadata) from
+error rows. Rows that failed validation or a stage keep flowing with ``error`` set, so that
+rows in == rows written + error rows holds without a second pass over the input.
+"""
+
+# Input columns we interpret (DESIGN §3 + per-row generation settings). Everything else passes through.
+PROMPT = "prompt"
+ID = "id"
+SEED = "seed"
+NEGATIVE_PROMPT = "negative_prompt"
+PRIOR_GUIDANCE_SCALE = "prior_guidance_scale"
+DECODER_GUIDANCE_SCALE = "decoder_guidance_scale"
+INPUT_COLUMNS = (PROMPT, ID, SEED, NEGATIVE_PROMPT, PRIOR_GUIDANCE_SCALE, DECODER_GUIDANCE_SCALE)
+
+# Added by the reader: where the row came from (relative source path, 0-based row index in that file).
+SOURCE = "source"
+SOURCE_ROW = "source_row"
+
+# Added by prepare.
+KEY = "key"  # str, unique in the run, safe as a file-name stem (no '/', no '.')
+ERROR = "error"  # str: "" for a good row, else the reason
+ERROR_STAGE = "error_stage"  # str: "" or the step that rejected the row ("prepare", "prior", ...)
+
+# Added by the model stages. Internal hand-off columns start with "__" and are never written out.
+PROMPT_TRUNCATED = "prompt_truncated"  # bool: the prompt exceeded 77 CLIP tokens and was truncated
+TEXT_EMB = "text_emb"  # (B, D) float32, CLIP text embedding of the prompt
+IMAGE_EMB = "img_emb"  # (B, D) float32, the prior's (un-normalised) CLIP image embedding
+IMAGE = "image"  # (B, H, W, 3) uint8, the final image
+TEXT_HIDDEN = "__text_hidden"  # (B, 77, W) float32
+TEXT_MASK = "__text_mask"  # (B, 77) bool
+NEG_TEXT_EMB = "__neg_text_emb"  # (B, D) float32, encoding of the negative prompt ("" by default)
+NEG_TEXT_HIDDEN = "__neg_text_hidden"  # (B, 77, W) float32
+NEG_TEXT_MASK = "__neg_text_mask"  # (B, 77) bool
+IMAGE_64 = "__image_64"  # (B, 3, 64, 64) float32 in [-1, 1], decoder output
+RNG_STATE = "__rng_state"  # (B, S) uint8, each row's torch.Generator state after the previous stage
+
+# Columns a user table may not carry, because the pipeline writes them.
+RESERVED = (SOURCE, SOURCE_ROW, KEY, PROMPT_TRUNCATED, ERROR, ERROR_STAGE, TEXT_EMB, IMAGE_EMB, IMAGE)
+
+
+def is_internal(name: str) -> bool:
+    """Hand-off columns between stages; sinks drop them."""
+    return name.startswith("__")

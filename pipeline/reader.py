@@ -1,0 +1,291 @@
+"""Plan and read prompt tables: Parquet files at any fsspec URL, cut into small read tasks.
+
+We do not use ``ray.data.read_parquet``: it cannot report a row's index within its file (which default keys are
+derived from), it packs small files into one block so the first model stage gets no parallelism, and its
+ListFiles step reserves a whole CPU whatever ``num_cpus`` says, which starves small clusters whose CPUs are held
+by actor pools (reference/ray.md §1.1, §6). Instead the driver reads only the Parquet footers to plan
+(:func:`plan_inputs`), and :class:`PromptTableDatasource` gives Ray one cheap task per slice of ``rows_per_task``
+consecutive rows of one file. Prompt tables are tiny in bytes but each row costs seconds of GPU time, so slicing
+by rows, not bytes, is what spreads them over the actor pools.
+"""
+
+from __future__ import annotations
+
+import itertools
+import posixpath
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+from ray.data.block import BlockMetadata
+from ray.data.context import DataContext
+from ray.data.datasource import Datasource, ReadTask
+
+from pipeline import columns as C
+
+_MAGIC = b"PAR1"
+# One ranged GET usually covers a prompt table's whole footer; a longer footer costs a second GET.
+_TAIL_BYTES = 64 * 1024
+_GLOB_CHARS = "*?["
+# pandas writes a non-default index as these columns; they are an artefact of to_parquet(), not user data.
+_PANDAS_INDEX = re.compile(r"__index_level_\d+__")
+_FOOTER_THREADS = 32
+# Error messages name at most this many files.
+_SHOWN_FILES = 5
+
+
+class InputError(ValueError):
+    """The input cannot be used as a prompt table; the message tells the user why."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One readable Parquet file of the input, as its footer describes it."""
+
+    url: str  # full fsspec URL, reopened by the read tasks
+    source: str  # path relative to the input root ("/"-separated); the file name for a single-file input
+    num_rows: int
+    row_group_rows: tuple[int, ...]
+    size_bytes: int  # uncompressed size of its row groups: the in-memory estimate
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """What to read: small and picklable, so each read task can reopen its file on any node."""
+
+    url: str  # the input as given, less any user:password@ part
+    files: tuple[InputFile, ...]
+    schema: pa.Schema  # union of the files' columns; a file's missing columns read as nulls
+    bad_files: tuple[tuple[str, str], ...]  # (source, reason) for files that are not readable Parquet
+    rows_per_task: int
+    # Credentials may live here: keep them out of reprs, and so out of logs.
+    storage_options: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(f.num_rows for f in self.files)
+
+
+def plan_inputs(url: str, storage_options: dict | None = None, rows_per_task: int = 256) -> InputPlan:
+    """List the Parquet files at ``url`` (a file, a folder searched recursively, or a glob) and read their footers."""
+    if rows_per_task < 1:
+        raise ValueError(f"rows_per_task must be >= 1, got {rows_per_task}")
+    storage_options = dict(storage_options or {})
+    shown = _display(url)
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    root, sizes = _list_files(fs, path, shown)
+    paths = sorted(sizes)
+    with ThreadPoolExecutor(min(_FOOTER_THREADS, len(paths))) as pool:
+        footers = list(pool.map(lambda p: _read_footer(fs, p, sizes[p]), paths))
+
+    files, schemas, bad = [], [], []
+    for p, footer in zip(paths, footers):
+        source = posixpath.basename(p) if root is None else p[len(root) :].lstrip("/")
+        if isinstance(footer, str):
+            bad.append((source, footer))
+            continue
+        schema = pa.schema([f for f in footer.schema_arrow if not _PANDAS_INDEX.fullmatch(f.name)])
+        _check_columns(schema, source, shown)
+        meta = footer.metadata
+        groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+        files.append(
+            InputFile(
+                url=fs.unstrip_protocol(p),
+                source=source,
+                num_rows=meta.num_rows,
+                row_group_rows=tuple(g.num_rows for g in groups),
+                size_bytes=sum(g.total_byte_size for g in groups),
+            )
+        )
+        schemas.append((source, schema))
+    if not files:
+        reasons = "; ".join(f"{s}: {r}" for s, r in bad[:_SHOWN_FILES])
+        raise InputError(f"none of the {len(bad)} Parquet files at {shown} could be read: {reasons}")
+    return InputPlan(
+        url=shown,
+        files=tuple(files),
+        schema=_unify_schemas(schemas, shown),
+        bad_files=tuple(bad),
+        rows_per_task=rows_per_task,
+        storage_options=storage_options,
+    )
+
+
+class PromptTableDatasource(Datasource):
+    """Reads an :class:`InputPlan`, adding ``source`` and ``source_row`` to every row."""
+
+    def __init__(self, plan: InputPlan):
+        super().__init__()
+        self._plan = plan
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(_slice_bytes(f, f.num_rows) for f in self._plan.files)
+
+    def get_read_tasks(
+        self,
+        parallelism: int,
+        per_task_row_limit: int | None = None,
+        data_context: DataContext | None = None,
+    ) -> list[ReadTask]:
+        # ``parallelism`` is ignored on purpose: the slices follow rows_per_task, so that blocks are as small as
+        # the plan asks whatever size Ray guesses from the (tiny) byte count.
+        step = self._plan.rows_per_task
+        return [
+            self._task(f, start, min(start + step, f.num_rows), per_task_row_limit)
+            for f in self._plan.files
+            for start in range(0, f.num_rows, step)
+        ]
+
+    def _task(self, f: InputFile, start: int, stop: int, per_task_row_limit: int | None) -> ReadTask:
+        metadata = BlockMetadata(
+            num_rows=stop - start, size_bytes=_slice_bytes(f, stop - start), exec_stats=None, input_files=[f.url]
+        )
+        return ReadTask(
+            _slice_reader(f, start, stop, self._plan.schema, self._plan.storage_options),
+            metadata,
+            schema=_with_source_columns(self._plan.schema),
+            per_task_row_limit=per_task_row_limit,
+        )
+
+
+def read_prompts(plan: InputPlan, num_cpus: float = 0.25) -> ray.data.Dataset:
+    """The plan as a Dataset. Each read task takes a fraction of a CPU to fit beside actor pools that hold the rest."""
+    return ray.data.read_datasource(PromptTableDatasource(plan), num_cpus=num_cpus)
+
+
+def _display(url: str) -> str:
+    """The URL without any user:password@ part, for messages."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1", url)
+
+
+def _list_files(fs: fsspec.AbstractFileSystem, path: str, shown: str) -> tuple[str | None, dict[str, int]]:
+    """(root that sources are relative to, or None for a single file; {path: size}) of the files to plan."""
+    if any(c in path for c in _GLOB_CHARS):
+        parts = path.split("/")
+        first_wild = next(i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS))
+        root = "/".join(parts[:first_wild])
+        found = fs.glob(path, detail=True)
+    elif not fs.exists(path):
+        raise InputError(f"input does not exist: {shown}")
+    elif fs.isdir(path):
+        root = path
+        found = {p: i for p, i in fs.find(path, detail=True).items() if p.endswith(".parquet")}
+    else:
+        return None, {path: fs.info(path)["size"]}
+    # Like Arrow's dataset discovery, skip names starting with "." or "_" below the root: Spark's _SUCCESS and
+    # _temporary/, checksum files, editors' dot files.
+    sizes = {
+        p: info["size"]
+        for p, info in found.items()
+        if info["type"] == "file" and not any(part[:1] in "._" for part in p[len(root) :].split("/") if part)
+    }
+    if not sizes:
+        raise InputError(f"no Parquet files found at {shown}")
+    return root, sizes
+
+
+def _read_footer(fs: fsspec.AbstractFileSystem, path: str, size: int) -> pq.ParquetFile | str:
+    """The file's footer, or the reason it is not readable Parquet.
+
+    Storage errors propagate (a flaky bucket must fail the plan, not silently drop a file); only the parse runs
+    on bytes already in memory, so every error it raises is about the file's content.
+    """
+    if size < 2 * len(_MAGIC) + 4:
+        return f"not a Parquet file ({size} bytes)"
+    tail = fs.cat_file(path, start=max(0, size - _TAIL_BYTES), end=size)
+    if tail[-4:] != _MAGIC:
+        return "not a Parquet file (no PAR1 marker at its end)"
+    footer_len = int.from_bytes(tail[-8:-4], "little")
+    if footer_len + 8 > size - len(_MAGIC):
+        return f"corrupt Parquet footer (its length {footer_len} exceeds the file's {size} bytes)"
+    if footer_len + 8 > len(tail):
+        tail = fs.cat_file(path, start=size - 8 - footer_len, end=size)
+    try:
+        # The footer alone, behind a leading magic, parses as a file: schema and row counts, no data pages.
+        return pq.ParquetFile(pa.BufferReader(_MAGIC + tail[-(footer_len + 8) :]))
+    except (pa.ArrowException, OSError) as e:
+        return f"corrupt Parquet footer: {e}"
+
+
+def _check_columns(schema: pa.Schema, source: str, shown: str) -> None:
+    if C.PROMPT not in schema.names:
+        have = ", ".join(schema.names) or "(none)"
+        raise InputError(f"{shown}: file {source!r} has no {C.PROMPT!r} column; its columns are: {have}")
+    for name in schema.names:
+        if name in C.RESERVED or C.is_internal(name):
+            raise InputError(
+                f"{shown}: file {source!r} has a column named {name!r}, which is reserved: the pipeline writes "
+                f"{', '.join(C.RESERVED)} and every column starting with '__'. Rename it."
+            )
+
+
+def _unify_schemas(schemas: list[tuple[str, pa.Schema]], shown: str) -> pa.Schema:
+    """Union of the files' columns, in order of first appearance; a column's types must agree across files."""
+    seen: dict[str, dict[pa.DataType, list[str]]] = {}
+    for source, schema in schemas:
+        for f in schema:
+            seen.setdefault(f.name, {}).setdefault(f.type, []).append(source)
+    return pa.schema([pa.field(name, _unify_type(name, by_type, shown)) for name, by_type in seen.items()])
+
+
+def _unify_type(name: str, by_type: dict[pa.DataType, list[str]], shown: str) -> pa.DataType:
+    types = [t for t in by_type if not pa.types.is_null(t)]  # an all-null column takes any type
+    if not types:
+        return pa.null()
+    if len(types) == 1:
+        return types[0]
+    # Within a family (int32 + int64, string + large_string) Arrow widens to a common type; across families a
+    # cast would change the values (int + float would turn seeds into floats), so it is an error.
+    families = {_family(t) for t in types}
+    if len(families) == 1 and None not in families:
+        fields = [pa.schema([pa.field(name, t)]) for t in types]
+        return pa.unify_schemas(fields, promote_options="permissive").field(name).type
+    listed = ", ".join(f"{t} in {', '.join(repr(s) for s in by_type[t][:_SHOWN_FILES])}" for t in types)
+    raise InputError(f"{shown}: column {name!r} has incompatible types across files: {listed}")
+
+
+def _family(t: pa.DataType) -> str | None:
+    for family, test in (
+        ("integer", pa.types.is_integer),
+        ("floating", pa.types.is_floating),
+        ("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
+        ("binary", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)),
+    ):
+        if test(t):
+            return family
+    return None  # other types (nested, temporal, ...) must match exactly
+
+
+def _with_source_columns(schema: pa.Schema) -> pa.Schema:
+    return schema.append(pa.field(C.SOURCE, pa.string())).append(pa.field(C.SOURCE_ROW, pa.int64()))
+
+
+def _slice_bytes(f: InputFile, rows: int) -> int:
+    # The file's share for these rows, plus the source columns the read adds (8-byte offset + name per row).
+    per_row = (f.size_bytes / f.num_rows if f.num_rows else 0) + 8 + 8 + len(f.source)
+    return int(per_row * rows)
+
+
+def _slice_reader(f: InputFile, start: int, stop: int, schema: pa.Schema, storage_options: dict):
+    """The read function of one task. It closes over its own file and rows, not the whole plan, so it pickles small."""
+
+    def read_slice() -> list[pa.Table]:
+        fs, path = fsspec.core.url_to_fs(f.url, **storage_options)
+        offsets = list(itertools.accumulate(f.row_group_rows, initial=0))
+        groups = [i for i in range(len(f.row_group_rows)) if offsets[i] < stop and offsets[i + 1] > start]
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            wanted = [n for n in pf.schema_arrow.names if n in schema.names]
+            table = pf.read_row_groups(groups, columns=wanted)
+        table = table.slice(start - offsets[groups[0]], stop - start)
+        n = table.num_rows
+        arrays = [table.column(c.name).cast(c.type) if c.name in wanted else pa.nulls(n, c.type) for c in schema]
+        arrays += [pa.array([f.source] * n, pa.string()), pa.array(np.arange(start, stop, dtype=np.int64))]
+        return [pa.Table.from_arrays(arrays, schema=_with_source_columns(schema))]
+
+    return read_slice

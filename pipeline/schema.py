@@ -1,0 +1,166 @@
+"""The prepare step: validate and normalise prompt rows, giving each a stable key and seed.
+
+:func:`prepare_batch` runs as ``map_batches(batch_format="pyarrow")`` on the reader's output. It never drops a
+row: a row that breaks a rule keeps flowing with ``error`` set (the reason, quoting the offending value) and
+``error_stage == "prepare"``, so that rows in == rows written + error rows. The columns it writes are always
+non-null, so a rejected value survives only in the error message; every other column passes through untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+
+import pyarrow as pa
+
+from pipeline import columns as C
+
+PREPARE = "prepare"  # the error_stage of rows rejected here
+
+SEED_LIMIT = 2**63  # seeds are non-negative int64
+# An id used as a key verbatim: safe as a file-name stem everywhere (no '/', no '.'), and not starting with '-',
+# which command-line tools would read as an option.
+_SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,99}")
+_UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9_-]")
+_SANITISED_STEM = 64
+_SHOWN_CHARS = 100
+
+# What prepare writes, in this order after the input's columns (a column already in the input is replaced in place).
+_OUTPUT_TYPES = {
+    C.KEY: pa.string(),
+    C.SEED: pa.int64(),
+    C.NEGATIVE_PROMPT: pa.string(),
+    C.PRIOR_GUIDANCE_SCALE: pa.float64(),
+    C.DECODER_GUIDANCE_SCALE: pa.float64(),
+    C.ERROR: pa.string(),
+    C.ERROR_STAGE: pa.string(),
+}
+
+
+def make_key(ident: object, source: str, source_row: int) -> str:
+    """The row's key: from its id when it has one, else derived from where it was read.
+
+    Raises ValueError, with a message for the user, for an id that cannot be a key (wrong type, empty).
+    """
+    if ident is None:
+        return derive_key(source, source_row)
+    return key_from_id(ident)
+
+
+def key_from_id(ident: object) -> str:
+    """A safe id as-is; any other id sanitised and suffixed with a hash of the original, so distinct ids stay
+    distinct and no key can name a path outside the output folder."""
+    if isinstance(ident, bool) or not isinstance(ident, (str, int)):
+        raise ValueError(f"id must be a string or an integer, got {_show(ident)}")
+    text = str(ident)
+    if not text:
+        raise ValueError("id is empty")
+    if _SAFE_ID.fullmatch(text):
+        return text
+    stem = _UNSAFE_CHAR.sub("_", text)[:_SANITISED_STEM]
+    if stem.startswith("-"):
+        stem = "_" + stem[1:]
+    return f"{stem}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def derive_key(source: str, source_row: int) -> str:
+    """Key of a row without an id: a hash of its source file and its index there, stable across reruns as long
+    as the input files keep their names and row order. Distinct files get distinct prefixes."""
+    return f"{hashlib.sha256(source.encode()).hexdigest()[:10]}-{source_row:09d}"
+
+
+def derive_seed(run_seed: int, key: str) -> int:
+    """Seed of a row without one: a hash of the run seed and the key, so a rerun draws the same noise."""
+    digest = hashlib.sha256(f"{run_seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (SEED_LIMIT - 1)
+
+
+def prepare_batch(
+    table: pa.Table, *, run_seed: int, prior_guidance_scale: float, decoder_guidance_scale: float
+) -> pa.Table:
+    """Add key, seed, negative_prompt, both guidance scales, error and error_stage to a reader batch."""
+    n = table.num_rows
+    given = (C.ID, C.SEED, C.NEGATIVE_PROMPT, C.PRIOR_GUIDANCE_SCALE, C.DECODER_GUIDANCE_SCALE)
+    rows = zip(
+        table.column(C.PROMPT).to_pylist(),
+        table.column(C.SOURCE).to_pylist(),
+        table.column(C.SOURCE_ROW).to_pylist(),
+        *(table.column(name).to_pylist() if name in table.column_names else [None] * n for name in given),
+    )
+    out: dict[str, list] = {name: [] for name in _OUTPUT_TYPES}
+    used: set[str] = set()
+    for prompt, source, source_row, ident, seed, negative, prior, decoder in rows:
+        reasons: list[str] = []
+        _check_prompt(prompt, reasons)
+        try:
+            key = make_key(ident, source, source_row)
+        except ValueError as e:
+            # The row still needs a unique key for the errors table; the message quotes the id.
+            key = derive_key(source, source_row)
+            reasons.append(str(e))
+        else:
+            if key in used:
+                # The duplicate takes its derived key, so that keys stay unique across good and error rows.
+                reasons.append(f"duplicate id {_show(ident)}: an earlier row has the same key {key!r}")
+                key = derive_key(source, source_row)
+        used.add(key)
+        values = (
+            key,
+            _seed(seed, run_seed, key, reasons),
+            _negative_prompt(negative, reasons),
+            _guidance(C.PRIOR_GUIDANCE_SCALE, prior, prior_guidance_scale, reasons),
+            _guidance(C.DECODER_GUIDANCE_SCALE, decoder, decoder_guidance_scale, reasons),
+        )
+        error = "; ".join(reasons)
+        for name, value in zip(_OUTPUT_TYPES, (*values, error, PREPARE if error else "")):
+            out[name].append(value)
+    for name, typ in _OUTPUT_TYPES.items():
+        column = pa.array(out[name], typ)
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, name, column) if index >= 0 else table.append_column(name, column)
+    return table
+
+
+def _check_prompt(prompt: object, reasons: list[str]) -> None:
+    if prompt is None:
+        reasons.append("prompt is null")
+    elif not isinstance(prompt, str):
+        reasons.append(f"prompt must be a string, got {_show(prompt)}")
+    elif not prompt:
+        reasons.append("prompt is empty")
+    elif prompt.isspace():
+        reasons.append("prompt is only whitespace")
+
+
+def _seed(value: object, run_seed: int, key: str, reasons: list[str]) -> int:
+    if value is None:
+        return derive_seed(run_seed, key)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < SEED_LIMIT:
+        return value
+    reasons.append(f"seed must be an integer in [0, 2**63), got {_show(value)}")
+    return 0
+
+
+def _negative_prompt(value: object, reasons: list[str]) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    reasons.append(f"{C.NEGATIVE_PROMPT} must be a string, got {_show(value)}")
+    return ""
+
+
+def _guidance(name: str, value: object, default: float, reasons: list[str]) -> float:
+    if value is None:
+        return float(default)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    reasons.append(f"{name} must be a finite number >= 0, got {_show(value)}")
+    return float(default)
+
+
+def _show(value: object) -> str:
+    """The offending value for an error message, cut so that one bad cell cannot flood the errors table."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."

@@ -1,0 +1,325 @@
+"""Write generated rows as committed shards under one output URL, and read back what is committed.
+
+Layout under the output URL, per shard id X (16 hex chars, the same X in every folder so names sort alike):
+
+    images/X.tar | images/X.parquet      webdataset tar, or Parquet with a Hugging Face Image column
+    img_emb/img_emb_X.npy                (N, D) float16, row-aligned with metadata_X.parquet
+    text_emb/text_emb_X.npy              (N, D) float16, row-aligned with metadata_X.parquet
+    metadata/metadata_X.parquet          one row per good row: key, prompt, seed, settings, pass-through
+    errors/errors_X.parquet              one row per error row: key, source, prompt, stage, reason
+    _commits/X.json                      the commit marker, written last: a shard without it does not exist
+
+Every object appears whole or not at all: local files are written under a temporary name and renamed,
+other filesystems (S3, GCS) upload without committing until the writer finished. A Ray task retried after
+a failure rewrites the same names with the same bytes, because X hashes the shard's keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import uuid
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as pads
+from fsspec.implementations.local import LocalFileSystem
+from ray.data import Datasink
+from ray.data.block import Block
+from ray.data.datasource.datasink import WriteResult
+
+from pipeline import columns as C
+from pipeline.shards import (
+    IMAGE_EXTENSIONS,
+    ShardRows,
+    check_keys,
+    encode_image,
+    error_mask,
+    errors_table,
+    iter_shards,
+    metadata_table,
+    require_columns,
+    require_no_clash,
+    shard_id,
+    write_image_parquet,
+    write_npy,
+    write_parquet,
+    write_webdataset,
+)
+
+__all__ = [
+    "KarloDatasink",
+    "SinkResult",
+    "committed_keys",
+    "committed_shards",
+    "encode_image",
+    "open_atomic",
+    "output_filesystem",
+    "remove_uncommitted",
+    "write_json_atomic",
+]
+
+logger = logging.getLogger(__name__)
+
+# output_format -> (extension, writer) of the images/ files.
+_IMAGE_WRITERS = {"webdataset": ("tar", write_webdataset), "parquet": ("parquet", write_image_parquet)}
+OUTPUT_FORMATS = tuple(_IMAGE_WRITERS)
+IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR = "images", "img_emb", "text_emb"
+METADATA_DIR, ERRORS_DIR, COMMITS_DIR = "metadata", "errors", "_commits"
+# Temporary local names start with a dot and end in random hex, so no '*.parquet' / '*.npy' / '*.tar' glob
+# of a downstream reader (embedding-reader, datasets, pyarrow) ever picks one up.
+TEMP_PREFIX = ".tmp-"
+
+_ID = r"([0-9a-f]{16})"
+# Folder -> the name of a shard's file in it, with the shard id as group 1.
+_SHARD_FILE_NAMES = {
+    COMMITS_DIR: re.compile(_ID + r"\.json"),
+    IMAGES_DIR: re.compile(_ID + r"\.(?:tar|parquet)"),
+    IMG_EMB_DIR: re.compile(r"img_emb_" + _ID + r"\.npy"),
+    TEXT_EMB_DIR: re.compile(r"text_emb_" + _ID + r"\.npy"),
+    METADATA_DIR: re.compile(r"metadata_" + _ID + r"\.parquet"),
+    ERRORS_DIR: re.compile(r"errors_" + _ID + r"\.parquet"),
+}
+
+
+def output_filesystem(
+    output_url: str, storage_options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and root path (no trailing slash) for an output URL."""
+    fs, root = fsspec.core.url_to_fs(output_url, **(storage_options or {}))
+    return fs, root.rstrip("/")
+
+
+@contextlib.contextmanager
+def open_atomic(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[BinaryIO]:
+    """Open ``path`` for writing so that it appears complete on clean exit and not at all on an exception."""
+    if isinstance(fs, LocalFileSystem):
+        with _open_local_atomic(path) as f:
+            yield f
+        return
+    # A plain ``with fs.open(...)`` would complete the upload even when the body raised, leaving a truncated
+    # object; with autocommit off, the upload only becomes an object on commit().
+    f = fs.open(path, "wb", autocommit=False)
+    try:
+        yield f
+        f.close()
+        f.commit()
+    except BaseException:
+        _discard(f, path)
+        raise
+
+
+def _discard(f: Any, path: str) -> None:
+    try:
+        f.discard()
+    except Exception:  # the original error matters more; an orphaned upload is invisible
+        logger.warning("could not abort the upload of %s", path, exc_info=True)
+    # A discarded file has no buffer; marking it closed stops __del__ from flushing it.
+    f.closed = True
+
+
+@contextlib.contextmanager
+def _open_local_atomic(path: str) -> Iterator[BinaryIO]:
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    # Same folder as the target, so os.replace is a rename within one filesystem, hence atomic.
+    temp = os.path.join(parent, f"{TEMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(temp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not become durable before the data
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> int:
+    """Write ``obj`` as JSON (sorted keys, so equal objects give equal bytes); returns the byte count."""
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    with open_atomic(fs, path) as f:
+        f.write(data)
+    return len(data)
+
+
+@dataclasses.dataclass(frozen=True)
+class SinkResult:
+    """What one ``write_datasink`` call committed."""
+
+    rows: int  # good rows written (images, embeddings, metadata)
+    errors: int  # error rows written to errors/
+    shards: int
+    bytes: int  # data files only, markers excluded
+
+    @classmethod
+    def from_markers(cls, markers: Iterable[dict[str, Any]]) -> SinkResult:
+        markers = list(markers)
+        return cls(
+            rows=sum(m["rows"] for m in markers),
+            errors=sum(m["errors"] for m in markers),
+            shards=len(markers),
+            bytes=sum(m["bytes"] for m in markers),
+        )
+
+
+class KarloDatasink(Datasink[list[dict[str, Any]]]):
+    """Ray Data sink writing each write task's rows as shards of at most ``rows_per_shard`` rows.
+
+    ``settings`` are the run's constant generation settings (steps, model name, ...), stored as one
+    constant column each in metadata and per-sample JSON. ``write`` returns the shard markers; the driver
+    gets their totals in ``self.result`` after ``on_write_complete``.
+    """
+
+    def __init__(
+        self,
+        output_url: str,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        image_format: str = "png",
+        output_format: str = "webdataset",
+        rows_per_shard: int = 1000,
+        settings: dict[str, Any] | None = None,
+    ):
+        if image_format not in IMAGE_EXTENSIONS:
+            raise ValueError(f"image_format must be one of {sorted(IMAGE_EXTENSIONS)}, got {image_format!r}")
+        if output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}")
+        if isinstance(rows_per_shard, bool) or not isinstance(rows_per_shard, int) or rows_per_shard < 1:
+            raise ValueError(f"rows_per_shard must be a positive int, got {rows_per_shard!r}")
+        settings = dict(settings or {})
+        _check_settings(settings)
+        self.output_url = output_url
+        # Only plain data is kept: the sink is pickled to every write task, which opens its own filesystem.
+        self.storage_options = dict(storage_options or {})
+        self.image_format = image_format
+        self.output_format = output_format
+        self.rows_per_shard = rows_per_shard
+        self.settings = settings
+        self.result: SinkResult | None = None
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_shard
+
+    def on_write_start(self, schema: pa.Schema | None = None) -> None:
+        """Fail on the driver, before any task writes, if the rows cannot be written."""
+        if schema is None:
+            return
+        require_columns(schema.names)
+        require_no_clash(self.settings, schema.names)
+
+    def write(self, blocks: Iterable[Block], ctx: Any) -> list[dict[str, Any]]:
+        fs, root = output_filesystem(self.output_url, self.storage_options)
+        return [self.write_shard(fs, root, rows) for rows in iter_shards(blocks, self.rows_per_shard)]
+
+    def on_write_complete(self, write_result: WriteResult[list[dict[str, Any]]]) -> None:
+        self.result = SinkResult.from_markers(m for markers in write_result.write_returns for m in markers)
+
+    def write_shard(self, fs: fsspec.AbstractFileSystem, root: str, rows: ShardRows) -> dict[str, Any]:
+        """Write one shard's files, then its marker; returns the marker."""
+        shard = shard_id(check_keys(rows.table))
+        failed = error_mask(rows.table)
+        good, bad = rows.filter(~failed), rows.filter(failed)
+        written: dict[str, int] = {}  # path relative to root -> bytes
+
+        def put(relpath: str, writer: Callable[..., None], *args: Any) -> None:
+            with open_atomic(fs, f"{root}/{relpath}") as f:
+                writer(f, *args)
+                written[relpath] = f.tell()
+
+        # An all-error shard writes no empty image/embedding files; it is simply absent from those folders,
+        # which keeps the npy and metadata lists zipped one-to-one.
+        if good.num_rows:
+            metadata = metadata_table(good, self.settings)
+            ext, write_images = _IMAGE_WRITERS[self.output_format]
+            put(f"{IMAGES_DIR}/{shard}.{ext}", write_images, metadata, good.tensor(C.IMAGE), self.image_format)
+            put(f"{IMG_EMB_DIR}/img_emb_{shard}.npy", write_npy, good.tensor(C.IMAGE_EMB))
+            put(f"{TEXT_EMB_DIR}/text_emb_{shard}.npy", write_npy, good.tensor(C.TEXT_EMB))
+            put(f"{METADATA_DIR}/metadata_{shard}.parquet", write_parquet, metadata)
+        if bad.num_rows:
+            put(f"{ERRORS_DIR}/errors_{shard}.parquet", write_parquet, errors_table(bad))
+        marker = {
+            "shard": shard,
+            "rows": good.num_rows,
+            "errors": bad.num_rows,
+            "files": list(written),
+            "bytes": sum(written.values()),
+        }
+        write_json_atomic(fs, f"{root}/{COMMITS_DIR}/{shard}.json", marker)
+        logger.debug("committed shard %s: %d rows, %d errors", shard, good.num_rows, bad.num_rows)
+        return marker
+
+
+def _check_settings(settings: dict[str, Any]) -> None:
+    reserved = set(C.INPUT_COLUMNS) | set(C.RESERVED) | {C.ERROR_STAGE}
+    for name, value in settings.items():
+        if not isinstance(name, str) or not name or C.is_internal(name) or name in reserved:
+            raise ValueError(f"setting name {name!r} is empty, internal or a column the pipeline writes")
+        try:
+            pa.scalar(value)
+            json.dumps(value)
+        except (TypeError, ValueError, pa.ArrowException) as e:
+            raise TypeError(f"setting {name!r} must be a JSON-compatible scalar or list, got {value!r}") from e
+
+
+def _list_names(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
+    # Listings are cached per filesystem instance; other processes (the write tasks) changed the folder.
+    fs.invalidate_cache(folder)
+    try:
+        paths = fs.ls(folder, detail=False)
+    except FileNotFoundError:
+        return []
+    return [path.rstrip("/").rsplit("/", 1)[-1] for path in paths]
+
+
+def _markers(fs: fsspec.AbstractFileSystem, root: str) -> list[dict[str, Any]]:
+    folder = f"{root}/{COMMITS_DIR}"
+    is_marker = _SHARD_FILE_NAMES[COMMITS_DIR].fullmatch
+    paths = [f"{folder}/{name}" for name in _list_names(fs, folder) if is_marker(name)]
+    if not paths:
+        return []
+    markers = [json.loads(data) for data in fs.cat(paths).values()]
+    return sorted(markers, key=lambda marker: marker["shard"])
+
+
+def committed_shards(output_url: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The commit markers under ``output_url``, sorted by shard id."""
+    return _markers(*output_filesystem(output_url, storage_options))
+
+
+def committed_keys(output_url: str, storage_options: dict[str, Any] | None = None) -> set[str]:
+    """Keys of every committed row, good or error: the rows a resumed run must not write again."""
+    fs, root = output_filesystem(output_url, storage_options)
+    tables = (f"{METADATA_DIR}/", f"{ERRORS_DIR}/")
+    paths = [f"{root}/{rel}" for m in _markers(fs, root) for rel in m["files"] if rel.startswith(tables)]
+    if not paths:
+        return set()
+    keys = pads.dataset(paths, format="parquet", filesystem=fs).to_table(columns=[C.KEY])
+    return set(keys.column(C.KEY).to_pylist())
+
+
+def remove_uncommitted(output_url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Delete shard files without a commit marker and leftover temporary files; returns their relative paths.
+
+    Call it only while nothing writes to ``output_url`` (before a run starts): a shard being written has
+    no marker yet. Files whose names this sink never writes are left alone.
+    """
+    fs, root = output_filesystem(output_url, storage_options)
+    committed = {marker["shard"] for marker in _markers(fs, root)}
+    doomed = []
+    for folder, pattern in _SHARD_FILE_NAMES.items():
+        for name in _list_names(fs, f"{root}/{folder}"):
+            match = pattern.fullmatch(name)
+            if name.startswith(TEMP_PREFIX) or (match and match.group(1) not in committed):
+                doomed.append(f"{folder}/{name}")
+    if doomed:
+        fs.rm([f"{root}/{rel}" for rel in doomed])
+        logger.info("removed %d uncommitted files under %s", len(doomed), output_url)
+    return sorted(doomed)
