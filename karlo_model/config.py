@@ -224,8 +224,10 @@ class UNetConfig:
             "addition_embed_type_num_heads": (64,),
             "attn_norm_num_groups": (None,),
             "num_train_timesteps": (None,),
-            "downsample_type": "resnet",  # UNet2DModel: every downsampler is a resnet block here
-            "upsample_type": "resnet",
+            # UNet2DModel: read only by AttnDown/UpBlock2D (not supported); our resnet blocks resample inside
+            # themselves whatever the value, and diffusers writes its default "conv".
+            "downsample_type": ("conv", "resnet"),
+            "upsample_type": ("conv", "resnet"),
         }
         data = dict(data)
         if not conditional:

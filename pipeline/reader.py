@@ -2,10 +2,10 @@
 
 We do not use ``ray.data.read_parquet``: it cannot report a row's index within its file (which default keys are
 derived from), it packs small files into one block so the first model stage gets no parallelism, and its
-ListFiles step reserves a whole CPU whatever ``num_cpus`` says, which starves small clusters whose CPUs are held
-by actor pools (reference/ray.md §1.1, §6). Instead the driver reads only the Parquet footers to plan
-(:func:`plan_inputs`), and :class:`PromptTableDatasource` gives Ray one cheap task per slice of ``rows_per_task``
-consecutive rows of one file. Prompt tables are tiny in bytes but each row costs seconds of GPU time, so slicing
+ListFiles step reserves a whole CPU whatever ``num_cpus`` says (Ray 2.60), so the run hangs when the actor pools
+leave less than one CPU free. Instead the driver reads only the Parquet footers to plan (:func:`plan_inputs`),
+and :class:`PromptTableDatasource` gives Ray one cheap task per slice of ``rows_per_task`` consecutive rows of
+one file. Prompt tables are tiny in bytes but each row costs seconds of GPU time, so slicing
 by rows, not bytes, is what spreads them over the actor pools.
 """
 

@@ -1,0 +1,73 @@
+"""Ray Data wiring of the model stages: Arrow blocks in, Arrow blocks out.
+
+Blocks stay in Arrow format between stages so that pass-through columns of any type (lists, structs,
+timestamps) reach the writer untouched; a stage sees only the columns it declared, as numpy arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from ray.data import ActorPoolStrategy, Dataset
+from ray.data.block import BlockAccessor
+from ray.data.extensions import ArrowTensorArray
+
+from . import columns as C
+from .config import RunConfig, StageConfig
+from .stages import STAGE_CLASSES
+
+
+class StageActor:
+    """One actor of a stage's pool: loads the stage's model components once, then maps batches."""
+
+    stage_name: str
+
+    def __init__(self, kwargs: dict):
+        self.stage = STAGE_CLASSES[self.stage_name](**kwargs)
+        self.columns = sorted(set(self.stage.inputs) | {C.ERROR, C.ERROR_STAGE})
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        batch = BlockAccessor.for_block(table.select(self.columns)).to_batch_format("numpy")
+        out = self.stage(batch)
+        keep = [c for c in table.column_names if c not in self.stage.consumes and c not in out]
+        result = table.select(keep)
+        for name, values in out.items():
+            result = result.append_column(name, to_arrow(values))
+        return result
+
+
+def to_arrow(values: np.ndarray) -> pa.Array:
+    """numpy column -> Arrow: (N, ...) arrays become Ray tensor columns, strings stay strings."""
+    values = np.asarray(values)
+    if values.ndim > 1:
+        return ArrowTensorArray.from_numpy(np.ascontiguousarray(values))
+    if values.dtype == object:
+        return pa.array(values.tolist(), pa.string())
+    return pa.array(values)
+
+
+# One subclass per stage so that Ray's progress and stats name the operators (MapBatches(PriorActor), ...).
+ACTOR_CLASSES = {
+    name: type(f"{''.join(w.title() for w in name.split('_'))}Actor", (StageActor,), {"stage_name": name})
+    for name in STAGE_CLASSES
+}
+
+
+def add_stage(ds: Dataset, name: str, stage: StageConfig, cfg: RunConfig, model: str) -> Dataset:
+    kwargs = dict(
+        model=model,
+        steps=cfg.steps(name),
+        device=stage.device,
+        dtype=stage.dtype,
+        storage_options=cfg.storage_options,
+        torch_threads=stage.torch_threads if stage.device == "cpu" else None,
+    )
+    return ds.map_batches(
+        ACTOR_CLASSES[name],
+        fn_constructor_args=(kwargs,),
+        batch_size=stage.batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=stage.min_actors, max_size=stage.max_actors),
+        num_cpus=stage.num_cpus,
+        num_gpus=stage.num_gpus,
+    )

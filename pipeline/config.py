@@ -1,0 +1,190 @@
+"""Run and per-stage settings, with defaults and a strict YAML stage-config file.
+
+A stage-config file sets each model stage's resources; keys missing from a stage fall back to the file's
+``defaults`` section, then to the built-in defaults for the run's device::
+
+    defaults:   {device: cuda, dtype: bfloat16}
+    prior:      {batch_size: 64, actors: 1, num_gpus: 0.1}
+    decoder:    {batch_size: 32, actors: [1, 4], num_gpus: 0.3}
+    super_res:  {batch_size: 8, actors: [2, 8], num_gpus: 0.6}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+STAGE_NAMES = ("prior", "decoder", "super_res")
+DEVICES = ("cpu", "cuda")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+IMAGE_FORMATS = ("png", "jpeg", "webp")
+OUTPUT_FORMATS = ("webdataset", "parquet")
+
+# GPU shares follow each stage's compute per image (reference karlo.md §6: SR 61%, decoder 31%, prior 8%), so
+# one GPU shared by the three pools spends its time where the work is.
+GPU_SHARES = {"prior": 0.1, "decoder": 0.3, "super_res": 0.6}
+GPU_BATCH = {"prior": 64, "decoder": 32, "super_res": 8}
+
+
+class ConfigError(ValueError):
+    """A run or stage setting that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    batch_size: int
+    min_actors: int = 1
+    max_actors: int = 1
+    num_cpus: float = 0.25
+    num_gpus: float = 0.0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size must be an integer >= 1")
+        _check(_is_int(self.min_actors) and self.min_actors >= 1, "actors: the minimum must be an integer >= 1")
+        _check(_is_int(self.max_actors) and self.max_actors >= self.min_actors, "actors: max must be >= min")
+        _check(_is_number(self.num_cpus) and self.num_cpus >= 0, "num_cpus must be a number >= 0")
+        _check(_is_number(self.num_gpus) and self.num_gpus >= 0, "num_gpus must be a number >= 0")
+        _check(self.device in DEVICES, f"device must be one of {list(DEVICES)}")
+        _check(self.dtype in DTYPE_NAMES, f"dtype must be one of {list(DTYPE_NAMES)}")
+        _check(self.device == "cpu" or self.num_gpus > 0, "a cuda stage needs num_gpus > 0")
+        _check(self.num_gpus == 0 or self.device == "cuda", "num_gpus > 0 needs device: cuda")
+
+    @property
+    def torch_threads(self) -> int:
+        """Intra-op threads for a CPU actor: the CPUs it reserved, at least one."""
+        return max(1, int(self.num_cpus))
+
+
+def default_stage(name: str, device: str, dtype: str) -> StageConfig:
+    if device == "cuda":
+        return StageConfig(batch_size=GPU_BATCH[name], num_cpus=1, num_gpus=GPU_SHARES[name], device=device,
+                           dtype=dtype)
+    # CPU: a quarter CPU each, so three pools, the read tasks and the writer fit on a 2-CPU machine without
+    # reserving every CPU (Ray Data then stalls, reference ray.md §6).
+    return StageConfig(batch_size=4, num_cpus=0.25, device=device, dtype=dtype)
+
+
+def parse_stage_configs(data: Mapping[str, Any] | None, device: str, dtype: str) -> dict[str, StageConfig]:
+    """Stage configs from a parsed stage-config file (or None for the defaults)."""
+    data = dict(data or {})
+    unknown = set(data) - {"defaults", *STAGE_NAMES}
+    _check(not unknown, f"stage config: unknown sections {sorted(unknown)}; expected defaults, "
+                        f"{', '.join(STAGE_NAMES)}")
+    defaults = _section(data.get("defaults"), "defaults")
+    run_device = defaults.get("device", device)
+    run_dtype = defaults.get("dtype", dtype)
+    out = {}
+    for name in STAGE_NAMES:
+        values = {**defaults, **_section(data.get(name), name)}
+        base = default_stage(name, values.get("device", run_device), values.get("dtype", run_dtype))
+        actors = values.pop("actors", None)
+        if actors is not None:
+            values["min_actors"], values["max_actors"] = _actors(actors, name)
+        try:
+            out[name] = dataclasses.replace(base, **values)
+        except ConfigError as e:
+            raise ConfigError(f"stage config [{name}]: {e}") from None
+    return out
+
+
+def load_stage_config_file(text: str, device: str, dtype: str) -> dict[str, StageConfig]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"stage config is not valid YAML: {e}") from None
+    _check(data is None or isinstance(data, dict), "stage config must be a mapping of sections")
+    return parse_stage_configs(data, device, dtype)
+
+
+_STAGE_KEYS = {f.name for f in dataclasses.fields(StageConfig)} - {"min_actors", "max_actors"} | {"actors"}
+
+
+def _section(value: Any, name: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    _check(isinstance(value, dict), f"stage config [{name}] must be a mapping")
+    unknown = set(value) - _STAGE_KEYS
+    _check(not unknown, f"stage config [{name}]: unknown keys {sorted(unknown)}; allowed: {sorted(_STAGE_KEYS)}")
+    return dict(value)
+
+
+def _actors(value: Any, name: str) -> tuple[int, int]:
+    """``actors: 2`` (a fixed pool) or ``actors: [1, 4]`` (autoscaling between min and max)."""
+    if _is_int(value):
+        return value, value
+    if isinstance(value, list) and len(value) == 2 and all(_is_int(v) for v in value):
+        return value[0], value[1]
+    raise ConfigError(f"stage config [{name}]: actors must be an integer or [min, max], got {value!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    input_url: str
+    output_url: str
+    model: str | None = None  # None: the embedded tiny random model
+    seed: int = 0
+    prior_steps: int = 25
+    decoder_steps: int = 25
+    super_res_steps: int = 7
+    prior_guidance_scale: float = 4.0
+    decoder_guidance_scale: float = 8.0
+    image_format: str = "png"
+    output_format: str = "webdataset"
+    rows_per_shard: int = 1000
+    rows_per_read_task: int = 64
+    device: str = "cpu"
+    dtype: str = "float32"
+    overwrite: bool = False
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+    storage_options: dict = field(default_factory=dict, repr=False)  # may hold credentials: never printed
+
+    def __post_init__(self) -> None:
+        for name in ("prior_steps", "decoder_steps", "super_res_steps"):
+            _check(_is_int(getattr(self, name)) and getattr(self, name) >= 2, f"{name} must be an integer >= 2")
+        for name in ("prior_guidance_scale", "decoder_guidance_scale"):
+            v = getattr(self, name)
+            _check(_is_number(v) and 0 <= v < float("inf"), f"{name} must be a finite number >= 0")
+        _check(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed must be an integer in [0, 2^63)")
+        _check(self.image_format in IMAGE_FORMATS, f"image_format must be one of {list(IMAGE_FORMATS)}")
+        _check(self.output_format in OUTPUT_FORMATS, f"output_format must be one of {list(OUTPUT_FORMATS)}")
+        _check(_is_int(self.rows_per_shard) and self.rows_per_shard >= 1, "rows_per_shard must be >= 1")
+        _check(self.device in DEVICES, f"device must be one of {list(DEVICES)}")
+        _check(self.dtype in DTYPE_NAMES, f"dtype must be one of {list(DTYPE_NAMES)}")
+        if not self.stages:
+            object.__setattr__(self, "stages", parse_stage_configs(None, self.device, self.dtype))
+
+    def steps(self, stage: str) -> int:
+        return getattr(self, f"{stage}_steps")
+
+    def output_settings(self) -> dict[str, Any]:
+        """Everything that changes the pixels of a row besides its prompt and seed (DESIGN §5)."""
+        return {
+            "seed": self.seed,
+            "prior_steps": self.prior_steps,
+            "decoder_steps": self.decoder_steps,
+            "super_res_steps": self.super_res_steps,
+            "prior_guidance_scale": self.prior_guidance_scale,
+            "decoder_guidance_scale": self.decoder_guidance_scale,
+            "image_format": self.image_format,
+            "output_format": self.output_format,
+            "devices": {n: s.device for n, s in self.stages.items()},
+            "dtypes": {n: s.dtype for n, s in self.stages.items()},
+        }
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

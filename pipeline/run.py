@@ -1,0 +1,251 @@
+"""Build the Ray Data pipeline from a RunConfig, execute it and account for every input row.
+
+read -> prepare (validate, key, seed; drop rows already committed) -> prior -> decoder -> super-res -> write
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from karlo_model import make_tiny_model
+from karlo_model.weights import cache_root
+
+from . import columns as C
+from .actors import add_stage
+from .config import STAGE_NAMES, ConfigError, RunConfig
+from .manifest import MANIFEST, SUCCESS, differences, identity_of_run, model_identity, now, package_versions
+from .reader import InputPlan, plan_inputs, read_prompts
+from .schema import prepare_batch
+from .sinks import (
+    COMMITS_DIR,
+    ERRORS_DIR,
+    IMAGES_DIR,
+    IMG_EMB_DIR,
+    METADATA_DIR,
+    TEXT_EMB_DIR,
+    KarloDatasink,
+    SinkResult,
+    committed_keys,
+    committed_shards,
+    output_filesystem,
+    remove_uncommitted,
+    write_json_atomic,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "tiny-random-v1"
+RUN_FOLDERS = (IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR, METADATA_DIR, ERRORS_DIR, COMMITS_DIR)
+
+
+class OutputConflict(RuntimeError):
+    """OUTPUT already holds a run made with other settings, model or input."""
+
+
+@dataclass
+class RunSummary:
+    output_url: str
+    rows_in: int  # rows in the readable input files
+    written: int  # good rows committed in OUTPUT (this run and earlier attempts)
+    errors: int  # error rows committed in OUTPUT
+    resumed: int  # rows found already committed when this run started
+    shards: int
+    bad_files: list[tuple[str, str]]
+    seconds: float
+    images_this_run: int
+
+    @property
+    def complete(self) -> bool:
+        return self.written + self.errors == self.rows_in
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_this_run / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.complete and self.errors == 0 and not self.bad_files
+
+
+def default_model() -> str:
+    """The embedded default: a tiny random-weight model, built once per machine into the cache."""
+    target = cache_root() / DEFAULT_MODEL_NAME
+    if (target / "model_index.json").is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{DEFAULT_MODEL_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "model_index.json").is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+            make_tiny_model(tmp, seed=0, preset_name="tiny")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+    return str(target)
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (set inside Ray jobs), else start a local Ray sized to the machine."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+
+
+def check_resources(cfg: RunConfig) -> None:
+    """Fail before any work if the stages cannot be placed: a pool waiting for resources never starts, and
+    pools holding every CPU leave none for the read and write tasks (Ray Data then stalls silently)."""
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    for name, s in cfg.stages.items():
+        if s.num_gpus > gpus:
+            raise ConfigError(
+                f"stage {name} asks for {s.num_gpus} GPU per actor but the Ray cluster has {gpus:g} GPUs; "
+                "use --device cpu or run on a cluster with GPUs"
+            )
+    reserved = sum(s.min_actors * s.num_cpus for s in cfg.stages.values())
+    if reserved + 0.5 > cpus:
+        raise ConfigError(
+            f"the stages reserve {reserved:g} of the cluster's {cpus:g} CPUs at start; leave at least 0.5 CPU for "
+            "reading and writing (lower num_cpus or the minimum number of actors)"
+        )
+
+
+def prepare_and_skip(table: pa.Table, *, done: pa.Array, **settings: Any) -> pa.Table:
+    """The prepare step, then drop rows whose key is already committed in OUTPUT (resume)."""
+    table = prepare_batch(table, **settings)
+    if len(done):
+        table = table.filter(pc.invert(pc.is_in(table.column(C.KEY), value_set=done)))
+    return table
+
+
+def _open_output(cfg: RunConfig, identity: dict[str, Any]) -> tuple[Any, str, dict[str, Any] | None]:
+    fs, root = output_filesystem(cfg.output_url, cfg.storage_options)
+    try:
+        fs.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise OutputConflict(f"cannot create the output folder {cfg.output_url}: {e}") from None
+    previous = None
+    if fs.exists(f"{root}/{MANIFEST}"):
+        previous = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
+        diff = differences(previous.get("identity", {}), identity)
+        if diff and not cfg.overwrite:
+            raise OutputConflict(
+                f"{cfg.output_url} already holds a run with different settings ("
+                + "; ".join(diff[:5])
+                + "). Use a fresh OUTPUT, or --overwrite to delete that run's files first."
+            )
+        if diff:
+            for folder in RUN_FOLDERS:
+                if fs.exists(f"{root}/{folder}"):
+                    fs.rm(f"{root}/{folder}", recursive=True)
+            for name in (MANIFEST, SUCCESS):
+                if fs.exists(f"{root}/{name}"):
+                    fs.rm(f"{root}/{name}")
+            previous = None
+    return fs, root, previous
+
+
+def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info) -> RunSummary:
+    started = time.time()
+    plan: InputPlan = plan_inputs(cfg.input_url, cfg.storage_options, cfg.rows_per_read_task)
+    model = cfg.model or default_model()
+    model_id = model_identity(model, cfg.storage_options)
+    identity = identity_of_run(cfg.input_url, model_id, cfg.output_settings())
+    fs, root, previous = _open_output(cfg, identity)
+
+    removed = remove_uncommitted(cfg.output_url, cfg.storage_options)
+    if removed:
+        echo(f"removed {len(removed)} uncommitted file(s) left by an interrupted run")
+    done = committed_keys(cfg.output_url, cfg.storage_options)
+    if done:
+        echo(f"resuming: {len(done)} of {plan.total_rows} rows are already committed")
+
+    manifest: dict[str, Any] = {
+        "identity": identity,
+        "status": "running",
+        "started": (previous or {}).get("started", now()),
+        "attempts": (previous or {}).get("attempts", 0) + 1,
+        "input_rows": plan.total_rows,
+        "bad_files": [list(b) for b in plan.bad_files],
+        "stages": {n: asdict(s) for n, s in cfg.stages.items()},
+        "rows_per_shard": cfg.rows_per_shard,
+        "packages": package_versions(),
+    }
+    write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
+    if fs.exists(f"{root}/{SUCCESS}"):
+        fs.rm(f"{root}/{SUCCESS}")
+
+    init_ray()
+    check_resources(cfg)
+    sink = KarloDatasink(
+        cfg.output_url,
+        storage_options=cfg.storage_options,
+        image_format=cfg.image_format,
+        output_format=cfg.output_format,
+        rows_per_shard=cfg.rows_per_shard,
+        settings={
+            "model": model_id["model"],
+            "prior_steps": cfg.prior_steps,
+            "decoder_steps": cfg.decoder_steps,
+            "super_res_steps": cfg.super_res_steps,
+        },
+    )
+    remaining = plan.total_rows - len(done)
+    if remaining > 0:
+        ds = read_prompts(plan)
+        ds = ds.map_batches(
+            prepare_and_skip,
+            batch_format="pyarrow",
+            num_cpus=0.25,
+            fn_kwargs=dict(
+                done=pa.array(sorted(done), pa.string()),
+                run_seed=cfg.seed,
+                prior_guidance_scale=float(cfg.prior_guidance_scale),
+                decoder_guidance_scale=float(cfg.decoder_guidance_scale),
+            ),
+        )
+        for name in STAGE_NAMES:
+            ds = add_stage(ds, name, cfg.stages[name], cfg, model)
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+    this_run = sink.result or SinkResult(0, 0, 0, 0)
+
+    markers = committed_shards(cfg.output_url, cfg.storage_options)
+    total = SinkResult.from_markers(markers)
+    summary = RunSummary(
+        output_url=cfg.output_url,
+        rows_in=plan.total_rows,
+        written=total.rows,
+        errors=total.errors,
+        resumed=len(done),
+        shards=total.shards,
+        bad_files=list(plan.bad_files),
+        seconds=time.time() - started,
+        images_this_run=this_run.rows,
+    )
+    manifest.update(
+        status="complete" if summary.complete else "incomplete",
+        finished=now(),
+        counts={"input_rows": summary.rows_in, "written": summary.written, "errors": summary.errors,
+                "shards": summary.shards},
+        last_attempt={"seconds": round(summary.seconds, 3), "images": summary.images_this_run,
+                      "errors": this_run.errors, "images_per_second": round(summary.images_per_second, 4)},
+    )
+    write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
+    if summary.complete:
+        write_json_atomic(fs, f"{root}/{SUCCESS}", {"finished": manifest["finished"]})
+    return summary

@@ -1,0 +1,205 @@
+"""The model stages as plain callables on a dict of numpy arrays (one Ray Data batch).
+
+Each stage loads the model components it needs once, in ``__init__``, and declares the columns it reads
+(``inputs``) and the hand-off columns it consumes (``consumes``); its output dict holds the columns it adds
+or replaces. Rows already marked as errors pass through with zero-filled outputs. If a batch raises, its
+rows are retried one at a time, and a row that still fails becomes an error row naming the stage and the
+exception: one bad row never takes its batch, its actor or the run down.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from karlo_model import Karlo
+from karlo_model.text import TextEncoding
+
+from . import columns as C
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SCALES = (C.PRIOR_GUIDANCE_SCALE, C.DECODER_GUIDANCE_SCALE)
+Batch = dict[str, np.ndarray]
+
+
+class Stage:
+    name: str
+    components: tuple[str, ...]  # Karlo stages to load
+    inputs: tuple[str, ...]
+    consumes: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        steps: int,
+        device: str = "cpu",
+        dtype: str = "float32",
+        storage_options: dict | None = None,
+        torch_threads: int | None = None,
+    ):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.steps = steps
+        self.model = Karlo.from_pretrained(
+            model, device=device, dtype=DTYPES[dtype], stages=self.components, storage_options=storage_options
+        )
+
+    def run(self, batch: Batch) -> Batch:
+        """The stage's outputs for rows that are all good."""
+        raise NotImplementedError
+
+    def empty(self, n: int) -> Batch:
+        """Zero-filled outputs for n error rows."""
+        raise NotImplementedError
+
+    def __call__(self, batch: Batch) -> Batch:
+        error = np.asarray(batch[C.ERROR], dtype=object).copy()
+        error_stage = np.asarray(batch[C.ERROR_STAGE], dtype=object).copy()
+        n = len(error)
+        out = self.empty(n)
+        good = np.flatnonzero(error == "")
+        for rows, result in self._run_rows(batch, good):
+            if isinstance(result, Exception):
+                error[rows] = f"{type(result).__name__}: {result}"[:1000]
+                error_stage[rows] = self.name
+            else:
+                for name, values in result.items():
+                    out[name][rows] = values
+        out[C.ERROR] = error
+        out[C.ERROR_STAGE] = error_stage
+        return out
+
+    def _run_rows(self, batch: Batch, rows: np.ndarray):
+        """Yield (rows, outputs or exception): the whole batch, or row by row after a failure."""
+        if len(rows) == 0:
+            return
+        try:
+            yield rows, self.run(_take(batch, self.inputs, rows))
+            return
+        except Exception as e:  # noqa: BLE001 - any failure becomes per-row errors below
+            if len(rows) == 1:
+                logger.warning("%s stage failed on row %s: %r", self.name, batch[C.KEY][rows[0]], e)
+                yield rows, e
+                return
+            logger.warning("%s stage failed on a batch of %d rows (%r); retrying row by row", self.name, len(rows), e)
+        for row in rows:
+            yield from self._run_rows(batch, np.array([row]))
+
+
+def _take(batch: Batch, names: Sequence[str], rows: np.ndarray) -> Batch:
+    return {name: np.asarray(batch[name])[rows] for name in names}
+
+
+def _text(model: Karlo, batch: Batch, names: tuple[str, str, str]) -> TextEncoding:
+    embeds, hidden, mask = names
+    return model.text_encoding(batch[embeds], batch[hidden], batch[mask])
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.float().cpu().numpy()
+
+
+class PriorStage(Stage):
+    """CLIP text encoder + diffusion prior: prompts -> text encodings and CLIP image embeddings."""
+
+    name = "prior"
+    components = ("prior",)
+    inputs = (C.KEY, C.PROMPT, C.SEED, C.NEGATIVE_PROMPT) + SCALES
+
+    def run(self, batch: Batch) -> Batch:
+        r = self.model.prior_stage(
+            [str(p) for p in batch[C.PROMPT]],
+            [int(s) for s in batch[C.SEED]],
+            steps=self.steps,
+            prior_guidance_scale=batch[C.PRIOR_GUIDANCE_SCALE],
+            decoder_guidance_scale=batch[C.DECODER_GUIDANCE_SCALE],
+            negative_prompts=[str(p) for p in batch[C.NEGATIVE_PROMPT]],
+        )
+        return {
+            C.TEXT_EMB: _numpy(r.text.embeds),
+            C.IMAGE_EMB: _numpy(r.image_embeds),
+            C.PROMPT_TRUNCATED: r.text.truncated,
+            C.TEXT_HIDDEN: _numpy(r.text.hidden),
+            C.TEXT_MASK: r.text.mask.cpu().numpy(),
+            C.NEG_TEXT_EMB: _numpy(r.negative.embeds),
+            C.NEG_TEXT_HIDDEN: _numpy(r.negative.hidden),
+            C.NEG_TEXT_MASK: r.negative.mask.cpu().numpy(),
+            C.RNG_STATE: r.rng_state,
+        }
+
+    def empty(self, n: int) -> Batch:
+        cfg = self.model.config
+        d = cfg.prior.embedding_dim
+        w = cfg.text_encoder["hidden_size"]
+        seq = cfg.prior.num_embeddings
+        state = torch.Generator().get_state().numel()
+        return {
+            C.TEXT_EMB: np.zeros((n, d), np.float32),
+            C.IMAGE_EMB: np.zeros((n, d), np.float32),
+            C.PROMPT_TRUNCATED: np.zeros(n, bool),
+            C.TEXT_HIDDEN: np.zeros((n, seq, w), np.float32),
+            C.TEXT_MASK: np.zeros((n, seq), bool),
+            C.NEG_TEXT_EMB: np.zeros((n, d), np.float32),
+            C.NEG_TEXT_HIDDEN: np.zeros((n, seq, w), np.float32),
+            C.NEG_TEXT_MASK: np.zeros((n, seq), bool),
+            C.RNG_STATE: np.zeros((n, state), np.uint8),
+        }
+
+
+class DecoderStage(Stage):
+    """Text projection + 64 px decoder: CLIP image embeddings -> small images."""
+
+    name = "decoder"
+    components = ("decoder",)
+    inputs = (C.KEY, C.IMAGE_EMB, C.TEXT_EMB, C.TEXT_HIDDEN, C.TEXT_MASK, C.NEG_TEXT_EMB, C.NEG_TEXT_HIDDEN,
+              C.NEG_TEXT_MASK, C.RNG_STATE) + SCALES
+    consumes = (C.TEXT_HIDDEN, C.TEXT_MASK, C.NEG_TEXT_EMB, C.NEG_TEXT_HIDDEN, C.NEG_TEXT_MASK)
+
+    def run(self, batch: Batch) -> Batch:
+        r = self.model.decoder_stage(
+            batch[C.IMAGE_EMB],
+            _text(self.model, batch, (C.TEXT_EMB, C.TEXT_HIDDEN, C.TEXT_MASK)),
+            _text(self.model, batch, (C.NEG_TEXT_EMB, C.NEG_TEXT_HIDDEN, C.NEG_TEXT_MASK)),
+            batch[C.RNG_STATE],
+            steps=self.steps,
+            prior_guidance_scale=batch[C.PRIOR_GUIDANCE_SCALE],
+            decoder_guidance_scale=batch[C.DECODER_GUIDANCE_SCALE],
+        )
+        return {C.IMAGE_64: _numpy(r.image_64), C.RNG_STATE: r.rng_state}
+
+    def empty(self, n: int) -> Batch:
+        dec = self.model.config.decoder
+        state = torch.Generator().get_state().numel()
+        return {
+            C.IMAGE_64: np.zeros((n, dec.in_channels, dec.sample_size, dec.sample_size), np.float32),
+            C.RNG_STATE: np.zeros((n, state), np.uint8),
+        }
+
+
+class SuperResStage(Stage):
+    """64 -> 256 px super-resolution: small images -> final uint8 images."""
+
+    name = "super_res"
+    components = ("super_res",)
+    inputs = (C.KEY, C.IMAGE_64, C.RNG_STATE)
+    consumes = (C.IMAGE_64, C.RNG_STATE)
+
+    def run(self, batch: Batch) -> Batch:
+        return {C.IMAGE: self.model.super_res_stage(batch[C.IMAGE_64], batch[C.RNG_STATE], steps=self.steps)}
+
+    def empty(self, n: int) -> Batch:
+        size = self.model.config.image_size
+        return {C.IMAGE: np.zeros((n, size, size, 3), np.uint8)}
+
+
+STAGE_CLASSES: dict[str, Callable[..., Stage]] = {
+    "prior": PriorStage,
+    "decoder": DecoderStage,
+    "super_res": SuperResStage,
+}
