@@ -258,10 +258,7 @@ class Karlo:
         negs = [""] * n if negative_prompts is None else list(negative_prompts)
         if len(negs) != n:
             raise ValueError(f"negative_prompts: expected {n} values, got {len(negs)}")
-        distinct = sorted(set(negs))
-        enc = self.encode_text(distinct)
-        index = torch.tensor([distinct.index(s) for s in negs], device=self.device)
-        return enc.select(index)
+        return self.encode_text(negs)
 
     def _decoder_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """(B, 77) -> (B, extra + 77): the image-derived context tokens are always visible."""
