@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -99,6 +100,69 @@ def make_tiny_model_cmd(out_dir: str, seed: int, preset_name: str) -> None:
 
     path = make_tiny_model(out_dir, seed=seed, preset_name=preset_name)
     click.echo(f"wrote a random-weight {preset_name} Karlo model to {path}")
+
+
+@main.group("bench")
+def bench() -> None:
+    """Benchmarks; each prints a table (or --json) of rates and ratios measured in one run."""
+
+
+def _model_or_default(model: str | None) -> str:
+    from pipeline.run import default_model
+
+    return model or default_model()
+
+
+def _report(rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    keys = list(rows[0])
+    click.echo("  ".join(f"{k:>24}" for k in keys))
+    for row in rows:
+        click.echo("  ".join(f"{v:>24.3f}" if isinstance(v, float) else f"{v!s:>24}" for v in row.values()))
+
+
+@bench.command("model")
+@click.option("--model", default=None, metavar="DIR", help="Local diffusers-format repo (default: the tiny model).")
+@click.option("--batch-size", "batch_sizes", multiple=True, type=int, default=(1, 8), show_default=True)
+@click.option("--steps", nargs=3, type=int, default=(25, 25, 7), show_default=True, help="prior decoder super-res")
+@click.option("--repeats", default=2, show_default=True, type=int)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_model_cmd(model, batch_sizes, steps, repeats, device, dtype, as_json) -> None:
+    """Karlo.generate vs diffusers' UnCLIPPipeline on the same weights (needs the test extra: diffusers)."""
+    from jobs.bench import bench_model
+    from pipeline.stages import DTYPES
+
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise click.UsageError("bench model compares against diffusers: pip install 'karlo-pipeline[test]'") from None
+    rows = bench_model(_model_or_default(model), batch_sizes=tuple(batch_sizes), steps=tuple(steps),
+                       repeats=repeats, device=device, dtype=DTYPES[dtype])
+    _report(rows, as_json)
+
+
+@bench.command("pipeline")
+@click.option("--model", default=None, metavar="DIR", help="Local diffusers-format repo (default: the tiny model).")
+@click.option("--rows", default=64, show_default=True, type=int)
+@click.option("--batch-size", default=4, show_default=True, type=int)
+@click.option("--steps", nargs=3, type=int, default=(25, 25, 7), show_default=True, help="prior decoder super-res")
+@click.option("--data-plane-rows", default=2000, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+def bench_pipeline_cmd(model, rows, batch_size, steps, data_plane_rows, as_json) -> None:
+    """Pipeline vs an in-process generate loop, and the data plane vs the PNG-encode bound."""
+    from jobs.bench import bench_pipeline
+
+    result = bench_pipeline(_model_or_default(model), rows=rows, batch_size=batch_size, steps=tuple(steps),
+                            data_plane_rows=data_plane_rows)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        for k, v in result.items():
+            click.echo(f"{k:>28}  {v:.3f}" if isinstance(v, float) else f"{k:>28}  {v}")
 
 
 if __name__ == "__main__":

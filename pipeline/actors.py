@@ -61,6 +61,7 @@ def add_stage(ds: Dataset, name: str, stage: StageConfig, cfg: RunConfig, model:
         dtype=stage.dtype,
         storage_options=cfg.storage_options,
         torch_threads=stage.torch_threads if stage.device == "cpu" else None,
+        skip_networks=cfg.skip_networks,
     )
     return ds.map_batches(
         ACTOR_CLASSES[name],

@@ -81,11 +81,11 @@ def parse_stage_configs(data: Mapping[str, Any] | None, device: str, dtype: str)
     out = {}
     for name in STAGE_NAMES:
         values = {**defaults, **_section(data.get(name), name)}
-        base = default_stage(name, values.get("device", run_device), values.get("dtype", run_dtype))
         actors = values.pop("actors", None)
         if actors is not None:
             values["min_actors"], values["max_actors"] = _actors(actors, name)
         try:
+            base = default_stage(name, values.get("device", run_device), values.get("dtype", run_dtype))
             out[name] = dataclasses.replace(base, **values)
         except ConfigError as e:
             raise ConfigError(f"stage config [{name}]: {e}") from None
@@ -140,6 +140,7 @@ class RunConfig:
     device: str = "cpu"
     dtype: str = "float32"
     overwrite: bool = False
+    skip_networks: bool = False  # measurement mode: synthetic stage outputs, real encoding and writes
     stages: dict[str, StageConfig] = field(default_factory=dict)
     storage_options: dict = field(default_factory=dict, repr=False)  # may hold credentials: never printed
 
@@ -153,10 +154,14 @@ class RunConfig:
         _check(self.image_format in IMAGE_FORMATS, f"image_format must be one of {list(IMAGE_FORMATS)}")
         _check(self.output_format in OUTPUT_FORMATS, f"output_format must be one of {list(OUTPUT_FORMATS)}")
         _check(_is_int(self.rows_per_shard) and self.rows_per_shard >= 1, "rows_per_shard must be >= 1")
+        _check(_is_int(self.rows_per_read_task) and self.rows_per_read_task >= 1, "rows_per_read_task must be >= 1")
         _check(self.device in DEVICES, f"device must be one of {list(DEVICES)}")
         _check(self.dtype in DTYPE_NAMES, f"dtype must be one of {list(DTYPE_NAMES)}")
-        if not self.stages:
-            object.__setattr__(self, "stages", parse_stage_configs(None, self.device, self.dtype))
+        unknown = set(self.stages) - set(STAGE_NAMES)
+        _check(not unknown, f"unknown stages {sorted(unknown)}; expected {', '.join(STAGE_NAMES)}")
+        # Stages left out run with the defaults for the run's device.
+        defaults = parse_stage_configs(None, self.device, self.dtype)
+        object.__setattr__(self, "stages", {name: self.stages.get(name, defaults[name]) for name in STAGE_NAMES})
 
     def steps(self, stage: str) -> int:
         return getattr(self, f"{stage}_steps")
@@ -174,6 +179,7 @@ class RunConfig:
             "output_format": self.output_format,
             "devices": {n: s.device for n, s in self.stages.items()},
             "dtypes": {n: s.dtype for n, s in self.stages.items()},
+            "skip_networks": self.skip_networks,
         }
 
 

@@ -166,6 +166,9 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info) -> RunSumm
     model = cfg.model or default_model()
     model_id = model_identity(model, cfg.storage_options)
     identity = identity_of_run(cfg.input_url, model_id, cfg.output_settings())
+    # Before OUTPUT is touched: a run that cannot be placed must not leave a manifest that refuses the fixed rerun.
+    init_ray()
+    check_resources(cfg)
     fs, root, previous = _open_output(cfg, identity)
 
     removed = remove_uncommitted(cfg.output_url, cfg.storage_options)
@@ -190,8 +193,6 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info) -> RunSumm
     if fs.exists(f"{root}/{SUCCESS}"):
         fs.rm(f"{root}/{SUCCESS}")
 
-    init_ray()
-    check_resources(cfg)
     sink = KarloDatasink(
         cfg.output_url,
         storage_options=cfg.storage_options,

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from karlo_model import Karlo
+from karlo_model.karlo import read_repo_configs
 from karlo_model.text import TextEncoding
+from karlo_model.weights import local_repo
 
 from . import columns as C
 
@@ -42,17 +44,29 @@ class Stage:
         dtype: str = "float32",
         storage_options: dict | None = None,
         torch_threads: int | None = None,
+        skip_networks: bool = False,
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.steps = steps
-        self.model = Karlo.from_pretrained(
-            model, device=device, dtype=DTYPES[dtype], stages=self.components, storage_options=storage_options
-        )
+        if skip_networks:
+            # Measurement mode: the data plane alone (transfers, encoding, writes) with the networks replaced by
+            # synthetic outputs of the right shapes.
+            self.model = None
+            self.config = read_repo_configs(local_repo(model, [], storage_options))
+        else:
+            self.model = Karlo.from_pretrained(
+                model, device=device, dtype=DTYPES[dtype], stages=self.components, storage_options=storage_options
+            )
+            self.config = self.model.config
 
     def run(self, batch: Batch) -> Batch:
         """The stage's outputs for rows that are all good."""
         raise NotImplementedError
+
+    def synthetic(self, batch: Batch) -> Batch:
+        """Measurement-mode outputs: as cheap as possible, with the real shapes."""
+        return self.empty(len(batch[C.KEY]))
 
     def empty(self, n: int) -> Batch:
         """Zero-filled outputs for n error rows."""
@@ -79,8 +93,9 @@ class Stage:
         """Yield (rows, outputs or exception): the whole batch, or row by row after a failure."""
         if len(rows) == 0:
             return
+        compute = self.run if self.model is not None else self.synthetic
         try:
-            yield rows, self.run(_take(batch, self.inputs, rows))
+            yield rows, compute(_take(batch, self.inputs, rows))
             return
         except Exception as e:  # noqa: BLE001 - any failure becomes per-row errors below
             if len(rows) == 1:
@@ -134,7 +149,7 @@ class PriorStage(Stage):
         }
 
     def empty(self, n: int) -> Batch:
-        cfg = self.model.config
+        cfg = self.config
         d = cfg.prior.embedding_dim
         w = cfg.text_encoder["hidden_size"]
         seq = cfg.prior.num_embeddings
@@ -174,7 +189,7 @@ class DecoderStage(Stage):
         return {C.IMAGE_64: _numpy(r.image_64), C.RNG_STATE: r.rng_state}
 
     def empty(self, n: int) -> Batch:
-        dec = self.model.config.decoder
+        dec = self.config.decoder
         state = torch.Generator().get_state().numel()
         return {
             C.IMAGE_64: np.zeros((n, dec.in_channels, dec.sample_size, dec.sample_size), np.float32),
@@ -187,15 +202,21 @@ class SuperResStage(Stage):
 
     name = "super_res"
     components = ("super_res",)
-    inputs = (C.KEY, C.IMAGE_64, C.RNG_STATE)
+    inputs = (C.KEY, C.SEED, C.IMAGE_64, C.RNG_STATE)
     consumes = (C.IMAGE_64, C.RNG_STATE)
 
     def run(self, batch: Batch) -> Batch:
         return {C.IMAGE: self.model.super_res_stage(batch[C.IMAGE_64], batch[C.RNG_STATE], steps=self.steps)}
 
     def empty(self, n: int) -> Batch:
-        size = self.model.config.image_size
+        size = self.config.image_size
         return {C.IMAGE: np.zeros((n, size, size, 3), np.uint8)}
+
+    def synthetic(self, batch: Batch) -> Batch:
+        """Uniform noise images, like a random-weight model's, so image encoding costs what it really costs."""
+        size = self.config.image_size
+        images = [np.random.default_rng(int(s)).integers(0, 256, (size, size, 3), np.uint8) for s in batch[C.SEED]]
+        return {C.IMAGE: np.stack(images)}
 
 
 STAGE_CLASSES: dict[str, Callable[..., Stage]] = {
