@@ -148,7 +148,8 @@ class Karlo:
         if unknown:
             raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
         wanted = [c for s in STAGES if s in stages for c in STAGE_COMPONENTS[s]]
-        root = local_repo(path_or_url, wanted, storage_options)
+        others = [c for c in EXPECTED_CLASSES if c not in wanted and c != "tokenizer"]
+        root = local_repo(path_or_url, wanted, storage_options, config_only=others)
         configs = read_repo_configs(root)
         modules: dict[str, torch.nn.Module] = {}
         for comp in wanted:
@@ -215,18 +216,26 @@ class Karlo:
         decoder: UNet = self._module("decoder")  # type: ignore[assignment]
         b = image_embeds.shape[0]
         image_embeds = image_embeds.to(self.device, self.dtype)
-        context, additive = text_proj(image_embeds, text.embeds, text.hidden)
-        cond = dict(context=context, context_mask=self._decoder_mask(text.mask), class_labels=additive)
         channels = decoder.cfg.in_channels
         if bool(guidance.enabled.any()):
             # Unconditional half: learned stand-in for the image embedding + the negative (default "") text.
-            u_context, u_additive = text_proj(
-                text_proj.unconditional_image_embeds(b, self.dtype), negative.embeds, negative.hidden
+            # One projection of [uncond; cond], as diffusers batches it: a matmul's rounding depends on its
+            # batch size, and early steps amplify any difference, so this keeps sampling bit-identical.
+            context, additive = text_proj(
+                torch.cat([text_proj.unconditional_image_embeds(b, self.dtype), image_embeds]),
+                torch.cat([negative.embeds, text.embeds]),
+                torch.cat([negative.hidden, text.hidden]),
             )
-            uncond = dict(context=u_context, context_mask=self._decoder_mask(negative.mask), class_labels=u_additive)
+            mask = self._decoder_mask(torch.cat([negative.mask, text.mask]))
+            uncond, cond = (
+                dict(context=c, context_mask=m, class_labels=a)
+                for c, m, a in zip(context.chunk(2), mask.chunk(2), additive.chunk(2))
+            )
             fn = cfg_denoiser(decoder, cond, uncond, guidance.decoder.to(self.device),
                               guidance.enabled.to(self.device), guided_channels=channels)
         else:
+            context, additive = text_proj(image_embeds, text.embeds, text.hidden)
+            cond = dict(context=context, context_mask=self._decoder_mask(text.mask), class_labels=additive)
             fn = lambda x, t: decoder(x, t, **cond)  # noqa: E731
         size = decoder.cfg.sample_size
         x = sample_loop(fn, self.decoder_schedule, steps, (channels, size, size), generators, self.dtype, self.device)
@@ -254,7 +263,8 @@ class Karlo:
         )
 
     def _encode_negative(self, negative_prompts: Sequence[str] | None, n: int) -> TextEncoding:
-        """Encode each distinct negative prompt once (usually only "")."""
+        """The unconditional text of guidance, one row per prompt ("" unless given), encoded as one batch of n
+        rows as diffusers does: rounding depends on the batch size, and sampling amplifies any difference."""
         negs = [""] * n if negative_prompts is None else list(negative_prompts)
         if len(negs) != n:
             raise ValueError(f"negative_prompts: expected {n} values, got {len(negs)}")
@@ -373,23 +383,29 @@ def read_repo_configs(root: Path) -> KarloConfig:
     try:
         return KarloConfig(
             text_encoder=read_json(root / "text_encoder" / "config.json"),
-            prior=PriorConfig.from_dict(read_json(root / "prior" / "config.json")),
-            text_proj=TextProjConfig.from_dict(read_json(root / "text_proj" / "config.json")),
-            decoder=UNetConfig.from_dict(read_json(root / "decoder" / "config.json")),
-            super_res_first=UNetConfig.from_dict(read_json(root / "super_res_first" / "config.json")),
-            super_res_last=UNetConfig.from_dict(read_json(root / "super_res_last" / "config.json")),
-            prior_scheduler=_scheduler(root, "prior_scheduler"),
-            decoder_scheduler=_scheduler(root, "decoder_scheduler"),
-            super_res_scheduler=_scheduler(root, "super_res_scheduler"),
+            prior=_config(root, "prior", PriorConfig),
+            text_proj=_config(root, "text_proj", TextProjConfig),
+            decoder=_config(root, "decoder", UNetConfig),
+            super_res_first=_config(root, "super_res_first", UNetConfig),
+            super_res_last=_config(root, "super_res_last", UNetConfig),
+            prior_scheduler=_config(root, "prior_scheduler", SchedulerConfig),
+            decoder_scheduler=_config(root, "decoder_scheduler", SchedulerConfig),
+            super_res_scheduler=_config(root, "super_res_scheduler", SchedulerConfig),
         )
     except ValueError as e:
         if isinstance(e, WeightsError):
             raise
-        raise WeightsError(f"{root}: {e}") from None
+        raise WeightsError(f"{root}: {e}") from None  # a mismatch between components
 
 
-def _scheduler(root: Path, name: str) -> SchedulerConfig:
-    return SchedulerConfig.from_dict(read_json(root / name / "scheduler_config.json"))
+def _config(root: Path, component: str, cls):
+    """One component's config; an error names its file (there are two super-res and three scheduler configs)."""
+    path = root / component / ("scheduler_config.json" if cls is SchedulerConfig else "config.json")
+    data = read_json(path)
+    try:
+        return cls.from_dict(data)
+    except ValueError as e:
+        raise WeightsError(f"{path}: {e}") from None
 
 
 def build_module(config: KarloConfig, component: str) -> torch.nn.Module:

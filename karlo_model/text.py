@@ -25,9 +25,6 @@ class TextEncoding:
     mask: torch.Tensor  # (B, 77) bool, True on BOS..EOT
     truncated: np.ndarray  # (B,) bool, the prompt had more than 75 tokens and was cut
 
-    def select(self, index: torch.Tensor) -> "TextEncoding":
-        return TextEncoding(self.embeds[index], self.hidden[index], self.mask[index], self.truncated[index.cpu().numpy()])
-
 
 def load_tokenizer(path: str | Path) -> CLIPTokenizer:
     tok = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -13,7 +13,7 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import fsspec
 import torch
@@ -45,8 +45,14 @@ def is_remote(path_or_url: str) -> bool:
     return "://" in str(path_or_url) and not str(path_or_url).startswith("file://")
 
 
-def local_repo(path_or_url: str | os.PathLike, components: list[str], storage_options: dict | None = None) -> Path:
-    """A local folder holding the repo's files needed for ``components``.
+def local_repo(
+    path_or_url: str | os.PathLike,
+    components: list[str],
+    storage_options: dict | None = None,
+    config_only: Sequence[str] = (),
+) -> Path:
+    """A local folder holding the repo's files needed for ``components``, plus the config files of the
+    ``config_only`` components (every component config is read to check the whole model).
 
     Remote repos are copied once per machine into the cache (a file lock makes concurrent actors on one node
     wait for a single download instead of each fetching gigabytes); only one weight format per component is
@@ -64,7 +70,7 @@ def local_repo(path_or_url: str | os.PathLike, components: list[str], storage_op
     dest.mkdir(parents=True, exist_ok=True)
     with open(dest / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        for rel in _remote_files(fs, remote_root, components):
+        for rel in _remote_files(fs, remote_root, components) + _remote_configs(fs, remote_root, config_only):
             target = dest / rel
             size = fs.size(f"{remote_root}/{rel}")
             if target.exists() and target.stat().st_size == size:
@@ -96,6 +102,11 @@ def _remote_files(fs, root: str, components: list[str]) -> list[str]:
     return files
 
 
+def _remote_configs(fs, root: str, components: Sequence[str]) -> list[str]:
+    names = ("config.json", "scheduler_config.json")
+    return [f"{c}/{n}" for c in components for n in names if fs.isfile(f"{root}/{c}/{n}")]
+
+
 def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise WeightsError(f"missing file {path}")
@@ -114,8 +125,8 @@ def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: refusing to load, the file needs unpickling of arbitrary Python objects, which can run "
             f"code; only tensors are accepted (convert it to safetensors). Details: {str(e).splitlines()[0]}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise WeightsError(f"{path}: not a readable PyTorch file ({e})") from None
+    except Exception as e:  # a damaged pickle can fail in the unpickler with any error type (IndexError, ...)
+        raise WeightsError(f"{path}: not a readable PyTorch file ({type(e).__name__}: {e})") from None
 
 
 def load_state_dict(component_dir: Path) -> tuple[dict[str, torch.Tensor], str]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from karlo_model import Karlo
-from karlo_model.karlo import read_repo_configs
+from karlo_model.karlo import EXPECTED_CLASSES, read_repo_configs
 from karlo_model.text import TextEncoding
 from karlo_model.weights import local_repo
 
@@ -53,7 +53,8 @@ class Stage:
             # Measurement mode: the data plane alone (transfers, encoding, writes) with the networks replaced by
             # synthetic outputs of the right shapes.
             self.model = None
-            self.config = read_repo_configs(local_repo(model, [], storage_options))
+            configs = [c for c in EXPECTED_CLASSES if c != "tokenizer"]
+            self.config = read_repo_configs(local_repo(model, [], storage_options, config_only=configs))
         else:
             self.model = Karlo.from_pretrained(
                 model, device=device, dtype=DTYPES[dtype], stages=self.components, storage_options=storage_options
