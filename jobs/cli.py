@@ -150,7 +150,7 @@ def bench_model_cmd(model, batch_sizes, steps, repeats, device, dtype, as_json) 
 @click.option("--rows", default=64, show_default=True, type=int)
 @click.option("--batch-size", default=4, show_default=True, type=int)
 @click.option("--steps", nargs=3, type=int, default=(25, 25, 7), show_default=True, help="prior decoder super-res")
-@click.option("--data-plane-rows", default=2000, show_default=True, type=int)
+@click.option("--data-plane-rows", default=6000, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True)
 def bench_pipeline_cmd(model, rows, batch_size, steps, data_plane_rows, as_json) -> None:
     """Pipeline vs an in-process generate loop, and the data plane vs the PNG-encode bound."""

@@ -12,6 +12,7 @@ A stage-config file sets each model stage's resources; keys missing from a stage
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -64,9 +65,11 @@ def default_stage(name: str, device: str, dtype: str) -> StageConfig:
     if device == "cuda":
         return StageConfig(batch_size=GPU_BATCH[name], num_cpus=1, num_gpus=GPU_SHARES[name], device=device,
                            dtype=dtype)
-    # CPU: a quarter CPU each, so three pools, the read tasks and the writer fit on a 2-CPU machine without
-    # reserving every CPU (Ray Data then stalls, reference ray.md §6).
-    return StageConfig(batch_size=4, num_cpus=0.25, device=device, dtype=dtype)
+    # CPU: a quarter CPU and one torch thread per actor, so three pools, the read tasks and the writer fit on a
+    # 2-CPU machine without reserving every CPU (Ray Data then stalls, reference ray.md §6); each pool may grow to
+    # one actor per core, so whichever stage is the bottleneck gets the cores.
+    return StageConfig(batch_size=4, num_cpus=0.25, max_actors=max(1, os.cpu_count() or 1), device=device,
+                       dtype=dtype)
 
 
 def parse_stage_configs(data: Mapping[str, Any] | None, device: str, dtype: str) -> dict[str, StageConfig]:

@@ -52,8 +52,6 @@ def session_environment() -> Iterator[Path]:
     values = {
         "KARLO_CACHE": str(root / "karlo-cache"),
         "HF_HOME": str(root / "hf-home"),
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
     }
     saved = {name: os.environ.get(name) for name in values}
     os.environ.update(values)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import pytest
 
@@ -36,8 +37,8 @@ def test_cpu_defaults_fit_two_cpus():
     stages = parse_stage_configs(None, "cpu", "float32")
     assert list(stages) == list(STAGE_NAMES)
     for s in stages.values():
-        assert s == StageConfig(batch_size=4, min_actors=1, max_actors=1, num_cpus=0.25, num_gpus=0.0, device="cpu",
-                                dtype="float32")
+        assert s == StageConfig(batch_size=4, min_actors=1, max_actors=os.cpu_count(), num_cpus=0.25, num_gpus=0.0,
+                                device="cpu", dtype="float32")
         assert s.torch_threads == 1
     # Three pools, the read tasks and the writer on a 2-CPU machine.
     assert sum(s.num_cpus * s.min_actors for s in stages.values()) + 0.5 <= 2
