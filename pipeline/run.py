@@ -222,7 +222,10 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info) -> RunSumm
         )
         for name in STAGE_NAMES:
             ds = add_stage(ds, name, cfg.stages[name], cfg, model)
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+        # Encoding images is single-threaded CPU work: half a CPU per write task lets two writers run beside the
+        # CPU stage pools on a 2-CPU machine, and at most one writer per CPU keeps them from thrashing.
+        writers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.5}, concurrency=writers)
     this_run = sink.result or SinkResult(0, 0, 0, 0)
 
     markers = committed_shards(cfg.output_url, cfg.storage_options)
