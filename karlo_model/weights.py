@@ -84,7 +84,7 @@ def local_repo(
 
 def _remote_files(fs, root: str, components: list[str]) -> list[str]:
     if not fs.exists(f"{root}/model_index.json"):
-        raise WeightsError(f"no model_index.json under the model URL (is it a diffusers-format Karlo repo?)")
+        raise WeightsError("no model_index.json under the model URL (is it a diffusers-format Karlo repo?)")
     files = ["model_index.json"]
     for comp in components:
         names = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{comp}", detail=False)} if fs.isdir(

@@ -7,6 +7,7 @@ import logging
 import uuid
 
 import pytest
+from pipeline_utils import session_environment
 
 # Dummy credentials: tests must never pick up real ones, and botocore refuses to sign without any.
 _AWS_ENV = {
@@ -60,8 +61,22 @@ def s3_bucket(s3_server):
     yield S3Bucket(url=f"s3://{name}", endpoint=s3_server, storage_options=storage_options, fs=fs)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def karlo_env():
+    """Every cache (models, digests, Hugging Face) in a scratch folder for the session, set before Ray starts."""
+    yield from session_environment()
+
+
 @pytest.fixture(scope="session")
-def ray_local(aws_env):
+def tiny_model(karlo_env) -> str:
+    """The embedded default model (the tiny random preset), built once into the session's KARLO_CACHE."""
+    from pipeline.run import default_model
+
+    return default_model()
+
+
+@pytest.fixture(scope="session")
+def ray_local(aws_env, karlo_env):
     """A local 2-CPU Ray for the rest of the session. Its workers inherit the environment of this process at
     start, so the dummy AWS credentials are set first."""
     import ray

@@ -19,7 +19,6 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import torch
 from PIL import Image
 
@@ -64,18 +63,6 @@ def session_environment() -> Iterator[Path]:
             else:
                 os.environ[name] = value
 
-
-@pytest.fixture(scope="session", autouse=True)
-def karlo_env():
-    yield from session_environment()
-
-
-@pytest.fixture(scope="session")
-def tiny_model(karlo_env) -> str:
-    """The embedded default model (the tiny random preset), built once into the session's KARLO_CACHE."""
-    from pipeline.run import default_model
-
-    return default_model()
 
 
 @functools.cache

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from jobs.cli import main
-from pipeline_utils import karlo_env, read_output, tiny_model, write_table  # noqa: F401 (fixtures)
+from pipeline_utils import read_output, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "prompts.parquet"

@@ -17,17 +17,15 @@ from click.testing import CliRunner
 from jobs.cli import EXIT_ROW_ERRORS, main
 from pipeline.config import STAGE_NAMES, RunConfig, StageConfig
 from pipeline.run import OutputConflict, run
-from pipeline_utils import (  # noqa: F401 (fixtures)
+from pipeline_utils import (
     PROMPTS,
     STEPS,
     assert_batch_independent,
     assert_float16_of,
     decode,
     file_states,
-    karlo_env,
     read_output,
     reference,
-    tiny_model,
     write_table,
 )
 

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import columns as C
 from pipeline.stages import DecoderStage, PriorStage, SuperResStage
-from pipeline_utils import PROMPTS, STEPS, assert_batch_independent, karlo_env, tiny_model  # noqa: F401 (fixtures)
+from pipeline_utils import PROMPTS, STEPS, assert_batch_independent
 
 SEEDS = [11, 22, 33, 44]
 
