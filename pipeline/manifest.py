@@ -20,6 +20,8 @@ import fsspec
 
 from karlo_model.weights import WEIGHT_FILES, cache_root, file_digest, is_remote
 
+from .reader import display_url
+
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
 PACKAGES = ("karlo-pipeline", "torch", "transformers", "ray", "pyarrow", "fsspec", "s3fs", "pillow", "numpy")
@@ -56,7 +58,7 @@ def model_identity(model: str, storage_options: dict | None = None) -> dict[str,
         else:
             entry["sha256"] = _cached_digest(Path(f"{folder}/{chosen}"))
         weights[comp] = entry
-    return {"model": _display(model), "class": index.get("_class_name"), "weights": weights}
+    return {"model": display_url(model), "class": index.get("_class_name"), "weights": weights}
 
 
 def _cached_digest(path: Path) -> str:
@@ -73,17 +75,9 @@ def _cached_digest(path: Path) -> str:
     return digest
 
 
-def _display(url: str) -> str:
-    """A URL without any user:password@ part."""
-    if "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://{rest.split('@', 1)[1]}"
-    return url
-
-
 def identity_of_run(input_url: str, model_id: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     """What must match for a rerun to continue the same output."""
-    return {"input": _display(input_url), "model": model_id, "settings": settings}
+    return {"input": display_url(input_url), "model": model_id, "settings": settings}
 
 
 def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

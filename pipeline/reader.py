@@ -76,7 +76,7 @@ def plan_inputs(url: str, storage_options: dict | None = None, rows_per_task: in
     if rows_per_task < 1:
         raise ValueError(f"rows_per_task must be >= 1, got {rows_per_task}")
     storage_options = dict(storage_options or {})
-    shown = _display(url)
+    shown = display_url(url)
     fs, path = fsspec.core.url_to_fs(url, **storage_options)
     root, sizes = _list_files(fs, path, shown)
     paths = sorted(sizes)
@@ -158,7 +158,7 @@ def read_prompts(plan: InputPlan, num_cpus: float = 0.25) -> ray.data.Dataset:
     return ray.data.read_datasource(PromptTableDatasource(plan), num_cpus=num_cpus)
 
 
-def _display(url: str) -> str:
+def display_url(url: str) -> str:
     """The URL without any user:password@ part, for messages."""
     return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1", url)
 

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCALES = (C.PRIOR_GUIDANCE_SCALE, C.DECODER_GUIDANCE_SCALE)
 Batch = dict[str, np.ndarray]
+RNG_STATE_BYTES = torch.Generator().get_state().numel()  # width of the hand-over column of generator states
 
 
 class Stage:
@@ -154,7 +155,6 @@ class PriorStage(Stage):
         d = cfg.prior.embedding_dim
         w = cfg.text_encoder["hidden_size"]
         seq = cfg.prior.num_embeddings
-        state = torch.Generator().get_state().numel()
         return {
             C.TEXT_EMB: np.zeros((n, d), np.float32),
             C.IMAGE_EMB: np.zeros((n, d), np.float32),
@@ -164,7 +164,7 @@ class PriorStage(Stage):
             C.NEG_TEXT_EMB: np.zeros((n, d), np.float32),
             C.NEG_TEXT_HIDDEN: np.zeros((n, seq, w), np.float32),
             C.NEG_TEXT_MASK: np.zeros((n, seq), bool),
-            C.RNG_STATE: np.zeros((n, state), np.uint8),
+            C.RNG_STATE: np.zeros((n, RNG_STATE_BYTES), np.uint8),
         }
 
 
@@ -191,10 +191,9 @@ class DecoderStage(Stage):
 
     def empty(self, n: int) -> Batch:
         dec = self.config.decoder
-        state = torch.Generator().get_state().numel()
         return {
             C.IMAGE_64: np.zeros((n, dec.in_channels, dec.sample_size, dec.sample_size), np.float32),
-            C.RNG_STATE: np.zeros((n, state), np.uint8),
+            C.RNG_STATE: np.zeros((n, RNG_STATE_BYTES), np.uint8),
         }
 
 
