@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:  # clip_vision imports ConfigError from here
+    from .clip_vision import ImageProcessorConfig
 
 DOWN_RESNET = "ResnetDownsampleBlock2D"
 DOWN_CROSS_ATTN = "SimpleCrossAttnDownBlock2D"
@@ -299,10 +302,11 @@ TEXT_ENCODER_L14: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class KarloConfig:
-    """Every component of a text-to-image Karlo model."""
+    """Every component of a Karlo model: text-to-image (with a prior), or image variations (kakaobrain's
+    karlo-v1-alpha-image-variations: no prior, a CLIP image encoder and its image processor instead)."""
 
     text_encoder: dict[str, Any]
-    prior: PriorConfig
+    prior: PriorConfig | None
     text_proj: TextProjConfig
     decoder: UNetConfig
     super_res_first: UNetConfig
@@ -316,14 +320,25 @@ class KarloConfig:
     super_res_scheduler: SchedulerConfig = field(
         default_factory=lambda: SchedulerConfig("fixed_small_log", "epsilon", True, 1.0)
     )
+    image_encoder: dict[str, Any] | None = None  # transformers' CLIPVisionConfig, as a dict like text_encoder
+    feature_extractor: ImageProcessorConfig | None = None
 
     def __post_init__(self) -> None:
-        d = self.prior.embedding_dim
+        d = self.text_encoder["projection_dim"]
         hidden = self.text_encoder["hidden_size"]
         checks = [
-            (self.text_encoder["projection_dim"] == d, "text_encoder.projection_dim must equal prior.embedding_dim"),
-            (hidden == d, "text_encoder.hidden_size must equal prior.embedding_dim (the prior projects both)"),
-            (self.text_proj.clip_embeddings_dim == d, "text_proj.clip_embeddings_dim must equal prior.embedding_dim"),
+            (self.prior is None or self.prior.embedding_dim == d,
+             "text_encoder.projection_dim must equal prior.embedding_dim"),
+            (hidden == d, "text_encoder.hidden_size must equal its projection_dim (the prior and text_proj project "
+                          "both)"),
+            (self.text_proj.clip_embeddings_dim == d,
+             "text_proj.clip_embeddings_dim must equal text_encoder.projection_dim"),
+            ((self.image_encoder is None) == (self.feature_extractor is None),
+             "image_encoder and feature_extractor come together"),
+            (self.image_encoder is None or self.image_encoder.get("projection_dim") == d,
+             "image_encoder.projection_dim must equal text_encoder.projection_dim (one CLIP embedding space)"),
+            (self.prior is not None or self.image_encoder is not None,
+             "a model needs a prior (text-to-image) or an image encoder (image variations)"),
             (
                 self.text_proj.cross_attention_dim == self.decoder.cross_attention_dim,
                 "text_proj.cross_attention_dim must equal decoder.cross_attention_dim",

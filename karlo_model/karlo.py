@@ -6,6 +6,7 @@ its own process: a stage hands the next one its outputs and every row's generato
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -13,8 +14,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import clip_vision
 from . import text as text_lib
 from .config import KarloConfig, PriorConfig, SchedulerConfig, TextProjConfig, UNetConfig
+from .fastpath import apply_fast_path, fast_by_default, network_call, state_dtype
 from .noise import generator_states, generators_from_seeds, generators_from_states
 from .prior import PriorTransformer
 from .sampling import cfg_denoiser, sample_loop, to_uint8, upsample
@@ -24,10 +27,13 @@ from .text_proj import TextProjection
 from .unet import UNet
 from .weights import WeightsError, load_into, load_state_dict, local_repo, read_json
 
-STAGES = ("prior", "decoder", "super_res")
+STAGES = ("prior", "image_encoder", "decoder", "super_res")
 # Repo components each stage needs.
 STAGE_COMPONENTS = {
     "prior": ("tokenizer", "text_encoder", "prior", "prior_scheduler"),
+    # Image variations: the input image's CLIP embedding replaces the prior's, and "" is the text of both halves
+    # of guidance (diffusers' UnCLIPImageVariationPipeline).
+    "image_encoder": ("tokenizer", "text_encoder", "image_encoder", "feature_extractor"),
     "decoder": ("text_proj", "decoder", "decoder_scheduler"),
     "super_res": ("super_res_first", "super_res_last", "super_res_scheduler"),
 }
@@ -44,6 +50,16 @@ EXPECTED_CLASSES = {
     "decoder_scheduler": "UnCLIPScheduler",
     "super_res_scheduler": "UnCLIPScheduler",
 }
+VARIATIONS_PIPELINE = "UnCLIPImageVariationPipeline"
+# kakaobrain/karlo-v1-alpha-image-variations (reference §1.10): the text-to-image components without the prior.
+VARIATION_CLASSES = {
+    **{c: cls for c, cls in EXPECTED_CLASSES.items() if c not in ("prior", "prior_scheduler")},
+    "image_encoder": "CLIPVisionModelWithProjection",
+    "feature_extractor": "CLIPImageProcessor",
+}
+# Class names that transformers writes for the same image processor, depending on version and installed backends.
+CLASS_ALIASES = {"CLIPImageProcessor": ("CLIPImageProcessor", "CLIPImageProcessorPil", "CLIPImageProcessorFast",
+                                        "CLIPFeatureExtractor")}
 MODULE_CONFIGS = {
     "prior": PriorConfig,
     "text_proj": TextProjConfig,
@@ -107,7 +123,13 @@ class KarloOutput:
 
 
 class Karlo:
-    """A Karlo v1 alpha text-to-image model, or the part of it that some stages need."""
+    """A Karlo v1 alpha text-to-image model, or the part of it that some stages need.
+
+    ``dtype`` is the networks' dtype; with bfloat16/float16 the sampling state stays float32 (karlo_model.fastpath).
+    ``fast`` turns on the fast path (channels_last UNets, cuDNN autotuning), by default only on cuda with
+    bf16/fp16: it changes float rounding, so the float32 CPU path that reproduces diffusers bit for bit never
+    takes it unasked. ``compile`` also compiles the denoising networks with ``torch.compile``.
+    """
 
     def __init__(
         self,
@@ -116,14 +138,21 @@ class Karlo:
         tokenizer=None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        *,
+        fast: bool | None = None,
+        compile: bool = False,
     ):
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
+        self.state_dtype = state_dtype(dtype)
+        self.fast = fast_by_default(self.device, dtype) if fast is None else fast
         self.tokenizer = tokenizer
         self.modules = {
             name: m.to(device=self.device, dtype=dtype).eval().requires_grad_(False) for name, m in modules.items()
         }
+        if self.fast or compile:
+            apply_fast_path(self.modules, self.device, channels_last=self.fast, compile=compile)
         self.prior_schedule = UnCLIPSchedule(config.prior_scheduler)
         self.decoder_schedule = UnCLIPSchedule(config.decoder_scheduler)
         self.super_res_schedule = UnCLIPSchedule(config.super_res_scheduler)
@@ -137,18 +166,31 @@ class Karlo:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         *,
-        stages: Sequence[str] = STAGES,
+        stages: Sequence[str] | None = None,
         storage_options: dict | None = None,
+        fast: bool | None = None,
+        compile: bool = False,
     ) -> "Karlo":
-        """Load a diffusers-format Karlo repo (e.g. kakaobrain/karlo-v1-alpha) from a folder or fsspec URL.
+        """Load a diffusers-format Karlo repo (kakaobrain/karlo-v1-alpha, or its image-variations sibling) from a
+        folder or fsspec URL.
 
-        ``stages`` limits loading to the components those stages need (a decoder actor loads no prior).
+        ``stages`` limits loading to the components those stages need (a decoder actor loads no prior); None
+        loads every stage the repo has. ``fast`` and ``compile`` as for ``Karlo``.
         """
-        unknown = set(stages) - set(STAGES)
+        unknown = set(stages or ()) - set(STAGES)
         if unknown:
             raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
+        classes = repo_classes(read_json(local_repo(path_or_url, [], storage_options) / "model_index.json"))
+        available = [s for s in STAGES if set(STAGE_COMPONENTS[s]) <= set(classes)]
+        stages = available if stages is None else stages
+        if set(stages) - set(available):
+            raise ValueError(f"stages {sorted(set(stages) - set(available))} are not in this model; it has {available}")
         wanted = [c for s in STAGES if s in stages for c in STAGE_COMPONENTS[s]]
-        others = [c for c in EXPECTED_CLASSES if c not in wanted and c != "tokenizer"]
+        wanted = list(dict.fromkeys(wanted))  # the variations stage and the prior share the text encoder
+        others = [c for c in classes if c not in wanted and c != "tokenizer"]
+        if "feature_extractor" in others:  # its config is checked with the others, and is not a config.json
+            others.remove("feature_extractor")
+            wanted.append("feature_extractor")
         root = local_repo(path_or_url, wanted, storage_options, config_only=others)
         configs = read_repo_configs(root)
         modules: dict[str, torch.nn.Module] = {}
@@ -159,7 +201,38 @@ class Karlo:
         if "text_encoder" in wanted:
             modules["text_encoder"] = _load_text_encoder(configs.text_encoder, root / "text_encoder")
             tokenizer = text_lib.load_tokenizer(root / "tokenizer")
-        return cls(configs, modules, tokenizer, device, dtype)
+        if "image_encoder" in wanted:
+            modules["image_encoder"] = clip_vision.load_vision_encoder(configs.image_encoder, root / "image_encoder")
+        return cls(configs, modules, tokenizer, device, dtype, fast=fast, compile=compile)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: KarloConfig,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        *,
+        seed: int = 0,
+        fast: bool | None = None,
+        compile: bool = False,
+    ) -> "Karlo":
+        """A random-weight model of any shape (e.g. ``preset("karlo-v1-alpha")``), built on ``device`` in memory
+        with nothing written to disk: for benchmarks at full size. Weights are drawn with a generator on
+        ``device``, so the same seed gives other weights on another device type."""
+        from .tiny import randomize_  # tiny builds on-disk models from this module's building blocks
+
+        generator = torch.Generator(device).manual_seed(seed)
+        modules: dict[str, torch.nn.Module] = {}
+        with torch.device(device):
+            for comp in MODULE_CONFIGS:
+                modules[comp] = build_module(config, comp)
+            modules["text_encoder"] = text_lib.build_text_encoder(config.text_encoder)
+        for module in modules.values():
+            randomize_(module, generator)
+        with tempfile.TemporaryDirectory(prefix="karlo-tokenizer-") as tmp:  # a few MB of vocabulary files
+            text_lib.write_clip_vocabulary(Path(tmp))
+            tokenizer = text_lib.load_tokenizer(tmp)
+        return cls(config, modules, tokenizer, device, dtype, fast=fast, compile=compile)
 
     def _module(self, name: str) -> torch.nn.Module:
         try:
@@ -190,13 +263,14 @@ class Karlo:
         text = self.encode_text(prompts)
         negative = self._encode_negative(negative_prompts, n)
         prior: PriorTransformer = self._module("prior")  # type: ignore[assignment]
+        net = self._network(prior)
         cond = dict(text_embeds=text.embeds, text_hidden=text.hidden, text_mask=text.mask)
         if bool(guidance.enabled.any()):
             uncond = dict(text_embeds=negative.embeds, text_hidden=negative.hidden, text_mask=negative.mask)
-            fn = cfg_denoiser(prior, cond, uncond, guidance.prior.to(self.device), guidance.enabled.to(self.device))
+            fn = cfg_denoiser(net, cond, uncond, guidance.prior.to(self.device), guidance.enabled.to(self.device))
         else:
-            fn = lambda x, t: prior(x, t, **cond)  # noqa: E731
-        z = sample_loop(fn, self.prior_schedule, steps, (prior.cfg.embedding_dim,), generators, text.embeds.dtype,
+            fn = lambda x, t: net(x, t, **cond)  # noqa: E731
+        z = sample_loop(fn, self.prior_schedule, steps, (prior.cfg.embedding_dim,), generators, self.state_dtype,
                         self.device)
         return text, negative, prior.unnormalise(z)
 
@@ -214,6 +288,7 @@ class Karlo:
         """Text projection + 64 px decoder sampling. -> (B, 3, h, w) in [-1, 1]."""
         text_proj: TextProjection = self._module("text_proj")  # type: ignore[assignment]
         decoder: UNet = self._module("decoder")  # type: ignore[assignment]
+        net = self._network(decoder)
         b = image_embeds.shape[0]
         image_embeds = image_embeds.to(self.device, self.dtype)
         channels = decoder.cfg.in_channels
@@ -231,14 +306,15 @@ class Karlo:
                 dict(context=c, context_mask=m, class_labels=a)
                 for c, m, a in zip(context.chunk(2), mask.chunk(2), additive.chunk(2))
             )
-            fn = cfg_denoiser(decoder, cond, uncond, guidance.decoder.to(self.device),
+            fn = cfg_denoiser(net, cond, uncond, guidance.decoder.to(self.device),
                               guidance.enabled.to(self.device), guided_channels=channels)
         else:
             context, additive = text_proj(image_embeds, text.embeds, text.hidden)
             cond = dict(context=context, context_mask=self._decoder_mask(text.mask), class_labels=additive)
-            fn = lambda x, t: decoder(x, t, **cond)  # noqa: E731
+            fn = lambda x, t: net(x, t, **cond)  # noqa: E731
         size = decoder.cfg.sample_size
-        x = sample_loop(fn, self.decoder_schedule, steps, (channels, size, size), generators, self.dtype, self.device)
+        x = sample_loop(fn, self.decoder_schedule, steps, (channels, size, size), generators, self.state_dtype,
+                        self.device)
         return x.clamp(-1, 1)
 
     @torch.no_grad()
@@ -250,17 +326,23 @@ class Karlo:
         first: UNet = self._module("super_res_first")  # type: ignore[assignment]
         last: UNet = self._module("super_res_last")  # type: ignore[assignment]
         size = self.config.image_size
-        low = upsample(image_64.to(self.device, self.dtype), size)  # (B, 3, H, W)
+        low = upsample(image_64.to(self.device, self.state_dtype), size)  # (B, 3, H, W)
         channels = low.shape[1]
 
-        def with_image(net: UNet):
+        def with_image(unet: UNet):
+            net = self._network(unet)
             return lambda x, t: net(torch.cat([x, low], dim=1), t)
 
         denoisers = (with_image(first), with_image(last))
         return sample_loop(
-            denoisers[0], self.super_res_schedule, steps, (channels, size, size), generators, self.dtype, self.device,
+            denoisers[0], self.super_res_schedule, steps, (channels, size, size), generators, self.state_dtype,
+            self.device,
             pick=lambda i: denoisers[1] if i == steps - 1 else denoisers[0],
         )
+
+    def _network(self, net: torch.nn.Module):
+        """``net`` called on the sampling state (karlo_model.fastpath.network_call)."""
+        return network_call(net, self.dtype, self.state_dtype, channels_last=self.fast)
 
     def _encode_negative(self, negative_prompts: Sequence[str] | None, n: int) -> TextEncoding:
         """The unconditional text of guidance, one row per prompt ("" unless given), encoded as one batch of n
@@ -295,6 +377,50 @@ class Karlo:
         )
         return PriorResult(text, negative, image_embeds, generator_states(gens))
 
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB images of any sizes -> (B, D) CLIP image embeddings (projected, not normalised),
+        preprocessed as the repo's feature extractor does."""
+        if self.config.feature_extractor is None:
+            raise RuntimeError("this model has no image encoder (image variations need karlo-v1-alpha-image-variations)")
+        encoder = self._module("image_encoder")
+        return clip_vision.encode(encoder, self.config.feature_extractor, images, self.device, self.dtype)
+
+    def image_encoder_stage(self, images: Sequence[np.ndarray], seeds: Sequence[int]) -> PriorResult:
+        """First stage of image variations, in place of the prior: the images' CLIP embeddings, with "" as the
+        text of both halves of guidance (diffusers' UnCLIPImageVariationPipeline). Draws no noise."""
+        gens = generators_from_seeds(seeds)
+        text = self.encode_text([""] * len(images))
+        # diffusers encodes the conditional and the unconditional "" as two batches of the same size: equal values.
+        return PriorResult(text, text, self.encode_images(images), generator_states(gens))
+
+    @torch.no_grad()
+    def variations(
+        self,
+        images: Sequence[np.ndarray],
+        seeds: Sequence[int],
+        *,
+        decoder_steps: int = 25,
+        super_res_steps: int = 7,
+        decoder_guidance_scale: float | Sequence[float] = 8.0,
+    ) -> KarloOutput:
+        """Images -> 256 px variations. Row i uses only seeds[i]: the same as diffusers'
+        UnCLIPImageVariationPipeline(images, generator=[torch.Generator().manual_seed(s) for s in seeds])."""
+        if len(images) != len(seeds):
+            raise ValueError(f"got {len(images)} images but {len(seeds)} seeds")
+        gens = generators_from_seeds(seeds)
+        # No prior: guidance runs for a row when its decoder scale is above 1, as in diffusers.
+        guidance = Guidance.of(1.0, decoder_guidance_scale, len(images))
+        text = self.encode_text([""] * len(images))
+        image_embeds = self.encode_images(images)
+        image_64 = self.run_decoder(image_embeds, text, text, gens, guidance, steps=decoder_steps)
+        result = to_uint8(self.run_super_res(image_64, gens, steps=super_res_steps))
+        return KarloOutput(
+            images=result.cpu().numpy(),
+            image_embeds=image_embeds.float().cpu().numpy(),
+            text_embeds=text.embeds.float().cpu().numpy(),
+        )
+
     def decoder_stage(
         self,
         image_embeds: np.ndarray | torch.Tensor,
@@ -318,7 +444,8 @@ class Karlo:
     ) -> np.ndarray:
         """Last stage -> (B, H, W, 3) uint8."""
         gens = generators_from_states(rng_state)
-        return to_uint8(self.run_super_res(self._tensor(image_64), gens, steps=steps)).cpu().numpy()
+        image = self._tensor(image_64, self.state_dtype)  # upsampled before the networks see it: keep its precision
+        return to_uint8(self.run_super_res(image, gens, steps=steps)).cpu().numpy()
 
     def text_encoding(self, embeds, hidden, mask, truncated=None) -> TextEncoding:
         """Rebuild a TextEncoding from arrays handed over by another process."""
@@ -328,8 +455,8 @@ class Karlo:
             np.zeros(n, dtype=bool) if truncated is None else np.asarray(truncated, dtype=bool),
         )
 
-    def _tensor(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(self.device, self.dtype)
+    def _tensor(self, x: np.ndarray | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(self.device, dtype or self.dtype)
 
     def _to_device(self, enc: TextEncoding) -> TextEncoding:
         return TextEncoding(
@@ -370,27 +497,38 @@ class Karlo:
         )
 
 
+def repo_classes(index: dict) -> dict[str, str]:
+    """The components a repo must have, by the pipeline class its model_index.json names."""
+    return VARIATION_CLASSES if index.get("_class_name") == VARIATIONS_PIPELINE else EXPECTED_CLASSES
+
+
 def read_repo_configs(root: Path) -> KarloConfig:
     """Every component config of a diffusers-format repo, checked against model_index.json."""
     index = read_json(root / "model_index.json")
-    for comp, cls_name in EXPECTED_CLASSES.items():
+    classes = repo_classes(index)
+    for comp, cls_name in classes.items():
         entry = index.get(comp)
-        if not (isinstance(entry, list) and len(entry) == 2 and entry[1] == cls_name):
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[1] in CLASS_ALIASES.get(cls_name, (cls_name,))):
             raise WeightsError(
-                f"{root / 'model_index.json'}: expected {comp!r} to be a {cls_name}, found {entry!r} "
-                "(is this a Karlo text-to-image repo such as kakaobrain/karlo-v1-alpha?)"
+                f"{root / 'model_index.json'}: expected {comp!r} to be a {cls_name}, found {entry!r} (is this a "
+                "Karlo repo such as kakaobrain/karlo-v1-alpha or kakaobrain/karlo-v1-alpha-image-variations?)"
             )
+    if classes is VARIATION_CLASSES:
+        first = dict(prior=None, image_encoder=read_json(root / "image_encoder" / "config.json"),
+                     feature_extractor=_config(root, "feature_extractor", clip_vision.ImageProcessorConfig))
+    else:
+        first = dict(prior=_config(root, "prior", PriorConfig),
+                     prior_scheduler=_config(root, "prior_scheduler", SchedulerConfig))
     try:
         return KarloConfig(
             text_encoder=read_json(root / "text_encoder" / "config.json"),
-            prior=_config(root, "prior", PriorConfig),
             text_proj=_config(root, "text_proj", TextProjConfig),
             decoder=_config(root, "decoder", UNetConfig),
             super_res_first=_config(root, "super_res_first", UNetConfig),
             super_res_last=_config(root, "super_res_last", UNetConfig),
-            prior_scheduler=_config(root, "prior_scheduler", SchedulerConfig),
             decoder_scheduler=_config(root, "decoder_scheduler", SchedulerConfig),
             super_res_scheduler=_config(root, "super_res_scheduler", SchedulerConfig),
+            **first,
         )
     except ValueError as e:
         if isinstance(e, WeightsError):
@@ -400,7 +538,8 @@ def read_repo_configs(root: Path) -> KarloConfig:
 
 def _config(root: Path, component: str, cls):
     """One component's config; an error names its file (there are two super-res and three scheduler configs)."""
-    path = root / component / ("scheduler_config.json" if cls is SchedulerConfig else "config.json")
+    names = {SchedulerConfig: "scheduler_config.json", clip_vision.ImageProcessorConfig: "preprocessor_config.json"}
+    path = root / component / names.get(cls, "config.json")
     data = read_json(path)
     try:
         return cls.from_dict(data)

@@ -39,10 +39,12 @@ def draw_noise(
     """(B, *shape) standard normal noise, row i drawn from generators[i] on the CPU.
 
     float32 models draw float32 as diffusers does; lower-precision models draw float32 and round, which keeps
-    the stream identical across dtypes.
+    the stream identical across dtypes. For a GPU the rows are drawn straight into pinned (page-locked) memory,
+    so the copy is asynchronous: the CPU draws the next step's noise while the GPU is still busy with this one.
     """
     cpu_dtype = dtype if dtype == torch.float64 else torch.float32
-    noise = torch.cat([torch.randn((1, *shape), generator=g, dtype=cpu_dtype) for g in generators])
-    if torch.device(device).type == "cuda":
-        noise = noise.pin_memory()  # lets the copy overlap with queued GPU work
+    pinned = torch.device(device).type == "cuda"
+    noise = torch.empty((len(generators), *shape), dtype=cpu_dtype, pin_memory=pinned)
+    for row, g in zip(noise, generators):
+        torch.randn(tuple(shape), generator=g, dtype=cpu_dtype, out=row)
     return noise.to(device=device, dtype=dtype, non_blocking=True)

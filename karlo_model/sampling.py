@@ -32,9 +32,11 @@ def sample_loop(
     """Ancestral DDPM sampling on the respaced chain, starting from N(0, I) drawn per row."""
     x = draw_noise(generators, shape, dtype, device)  # init_noise_sigma is 1
     timesteps = schedule.timesteps(steps)
+    # One copy of the whole chain: a scalar tensor made on a GPU every step would wait for the queued work.
+    on_device = torch.tensor(timesteps, device=device)
     for i, t in enumerate(timesteps):
         step_fn = pick(i) if pick is not None else fn
-        out = step_fn(x, torch.tensor(t, device=device))
+        out = step_fn(x, on_device[i])
         prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else None
         x = schedule.step(out, t, prev_t, x, generators)
     return x

@@ -68,7 +68,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b, c, hgt, wid = x.shape  # context: (B, T, Cc); bias: (B, T)
-        hn = self.group_norm(x.view(b, c, hgt * wid)).transpose(1, 2)  # (B, HW, C)
+        hn = self.group_norm(x.reshape(b, c, hgt * wid)).transpose(1, 2)  # (B, HW, C); reshape: x may be NHWC
         q = split_heads(self.to_q(hn), self.heads)
         # Text keys first, then pixel keys; pixels are never masked.
         k = split_heads(torch.cat([self.add_k_proj(context), self.to_k(hn)], dim=1), self.heads)
