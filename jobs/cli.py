@@ -17,6 +17,40 @@ EXIT_ROW_ERRORS = 3  # the run finished, but some rows (or input files) could no
 def main(verbose: bool) -> None:
     """Batch image generation with Karlo v1 alpha (unCLIP) on Ray Data."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # botocore's debug log prints request headers, session tokens included.
+    for name in ("botocore", "aiobotocore"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def _run_options(command):
+    """Output, resources and the optional CLIP score stage (pipeline.scoring): shared by generate and variations."""
+    options = [
+        click.option("--image-format", type=click.Choice(["png", "jpeg", "webp"]), default="png", show_default=True),
+        click.option("--output-format", type=click.Choice(["webdataset", "parquet"]), default="webdataset",
+                     show_default=True),
+        click.option("--rows-per-shard", default=1000, show_default=True, type=int),
+        click.option("--stage-config", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="YAML file with per-stage batch_size, actors, num_gpus, num_cpus, device, dtype (sections "
+                          "prior or image_encoder, decoder, super_res, clip_score)."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+                     show_default=True),
+        click.option("--overwrite", is_flag=True, help="Delete a previous run in OUTPUT made with other settings."),
+        click.option("--progress-interval", default=10.0, show_default=True, type=click.FloatRange(min=0),
+                     metavar="SECONDS",
+                     help="Print a status line (rows, images/s, ETA, errors) to stderr this often; 0 turns it off."),
+        click.option("--clip-score", is_flag=True,
+                     help="Score each image: cosine of its CLIP image embedding with the prompt's CLIP text embedding "
+                          "(with the input image's, for variations); embeddings in clip_img_emb/."),
+        click.option("--clip-model", default=None, metavar="DIR|URL",
+                     help="CLIP vision tower for --clip-score: an image-variations repo or a CLIP model folder with "
+                          "the text encoder's embedding width. Default: the run's own (embedded or variations) model."),
+        click.option("--min-clip-score", default=None, type=click.FloatRange(-1, 1), metavar="COSINE",
+                     help="Move rows scoring below this cosine to rejected/ (implies --clip-score)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @main.command("generate")
@@ -30,17 +64,8 @@ def main(verbose: bool) -> None:
 @click.option("--super-res-steps", default=7, show_default=True, type=int)
 @click.option("--prior-guidance-scale", default=4.0, show_default=True, type=float)
 @click.option("--decoder-guidance-scale", default=8.0, show_default=True, type=float)
-@click.option("--image-format", type=click.Choice(["png", "jpeg", "webp"]), default="png", show_default=True)
-@click.option("--output-format", type=click.Choice(["webdataset", "parquet"]), default="webdataset",
-              show_default=True)
-@click.option("--rows-per-shard", default=1000, show_default=True, type=int)
-@click.option("--stage-config", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="YAML file with per-stage batch_size, actors, num_gpus, num_cpus, device, dtype.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-              show_default=True)
-@click.option("--overwrite", is_flag=True, help="Delete a previous run in OUTPUT made with other settings.")
-def generate(input_url, output_url, model, stage_config, device, dtype, **settings) -> None:
+@_run_options
+def generate(input_url, output_url, model, stage_config, device, dtype, progress_interval, **settings) -> None:
     """Generate one image per row of the prompt table(s) at INPUT_URL into OUTPUT_URL.
 
     INPUT_URL: a Parquet file, folder or glob (local, s3://, gs://, ...) with a `prompt` column and optional
@@ -48,12 +73,48 @@ def generate(input_url, output_url, model, stage_config, device, dtype, **settin
     Rerunning the same command resumes an interrupted run. S3-compatible endpoints and credentials come from
     the usual settings (AWS_ENDPOINT_URL and AWS_* variables, FSSPEC_S3_* variables, ~/.config/fsspec).
     """
-    from pipeline.config import ConfigError, RunConfig, load_stage_config_file
-    from pipeline.reader import InputError
-    from pipeline.run import OutputConflict, run
+    _run_command(input_url, output_url, model, stage_config, device, dtype, progress_interval, settings,
+                 repo="kakaobrain/karlo-v1-alpha")
 
+
+@main.command("variations")
+@click.argument("input_url")
+@click.argument("output_url")
+@click.option("--model", default=None, metavar="DIR|URL",
+              help="Diffusers-format Karlo image-variations repo (folder or fsspec URL). Default: an embedded tiny "
+                   "random model.")
+@click.option("--image-column", default="image", show_default=True,
+              help="Column of image bytes, Hugging Face Image structs {bytes, path}, or image paths/URLs.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Run seed; rows without a seed derive theirs from it.")
+@click.option("--decoder-steps", default=25, show_default=True, type=int)
+@click.option("--super-res-steps", default=7, show_default=True, type=int)
+@click.option("--decoder-guidance-scale", default=8.0, show_default=True, type=float)
+@_run_options
+def variations(input_url, output_url, model, stage_config, device, dtype, progress_interval, **settings) -> None:
+    """Generate one variation of each image in the table(s) at INPUT_URL into OUTPUT_URL.
+
+    INPUT_URL: Parquet file(s) as for generate, with an image column (see --image-column) and optional `id`,
+    `seed`, `decoder_guidance_scale` columns. Images that are missing or cannot be decoded become error rows.
+    The outputs have generate's layout; img_emb/ holds the input images' CLIP embeddings.
+    """
+    _run_command(input_url, output_url, model, stage_config, device, dtype, progress_interval,
+                 {**settings, "task": "variations"}, repo="kakaobrain/karlo-v1-alpha-image-variations")
+
+
+def _run_command(input_url, output_url, model, stage_config, device, dtype, progress_interval, settings, *,
+                 repo: str) -> None:
+    """Build the RunConfig, run it, print the summary and exit with the run's status."""
+    from pipeline.config import ALL_STAGE_NAMES, ConfigError, RunConfig, load_stage_config_file
+    from pipeline.reader import InputError
+    from pipeline.redact import redact
+    from pipeline.run import OutputError, run
+
+    if settings.get("min_clip_score") is not None:
+        settings["clip_score"] = True
     try:
-        stages = load_stage_config_file(Path(stage_config).read_text(), device, dtype) if stage_config else {}
+        stages = (load_stage_config_file(Path(stage_config).read_text(), device, dtype, ALL_STAGE_NAMES)
+                  if stage_config else {})
         cfg = RunConfig(input_url=input_url, output_url=output_url, model=model, device=device, dtype=dtype,
                         stages=stages, **settings)
     except ConfigError as e:
@@ -61,14 +122,14 @@ def generate(input_url, output_url, model, stage_config, device, dtype, **settin
     if model is None:
         click.echo(
             "Using the embedded tiny model with RANDOM weights: the images will be noise. "
-            "Point --model at a diffusers-format Karlo repo (e.g. a local copy of kakaobrain/karlo-v1-alpha, or "
-            "s3://bucket/models/karlo-v1-alpha) for real images.",
+            f"Point --model at a diffusers-format Karlo repo (e.g. a local copy of {repo}, or "
+            f"s3://bucket/models/{repo.split('/')[-1]}) for real images.",
             err=True,
         )
     try:
-        summary = run(cfg, echo=lambda m: click.echo(m, err=True))
-    except (InputError, ConfigError, OutputConflict) as e:
-        click.echo(f"error: {e}", err=True)
+        summary = run(cfg, echo=lambda m: click.echo(m, err=True), progress_interval=progress_interval)
+    except (InputError, ConfigError, OutputError) as e:
+        click.echo(f"error: {redact(str(e))}", err=True)
         sys.exit(2)
     _print_summary(summary)
     if not summary.ok:
@@ -76,35 +137,95 @@ def generate(input_url, output_url, model, stage_config, device, dtype, **settin
 
 
 def _print_summary(s) -> None:
-    lines = [
-        f"rows read        {s.rows_in}",
-        f"images written   {s.written}" + (f" ({s.resumed} from earlier attempts)" if s.resumed else ""),
-        f"error rows       {s.errors}" + ("  -> see errors/" if s.errors else ""),
-        f"images/s         {s.images_per_second:.2f} ({s.images_this_run} in {s.seconds:.1f} s)",
-        f"output           {s.output_url}  (images/, img_emb/, text_emb/, metadata/, manifest.json)",
-    ]
-    for source, reason in s.bad_files:
-        lines.append(f"unreadable file  {source}: {reason}")
-    if not s.complete:
-        lines.append("INCOMPLETE: rows are missing; rerun the same command to finish")
-    click.echo("\n".join(lines))
+    from pipeline.progress import format_summary
+
+    click.echo(format_summary(s))
+
+
+@main.command("preview")
+@click.argument("output_url")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Images to show: the first N rows in input order (per point of a sweep).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Local folder for index.html and contact_sheet.png. Default: ./preview-<name of OUTPUT>.")
+def preview(output_url: str, limit: int, out_dir: str | None) -> None:
+    """Write a contact sheet and a self-contained HTML gallery of the run or sweep at OUTPUT_URL.
+
+    OUTPUT_URL is a run folder (local, s3://, ...) or a sweep root. Only committed shards are read; the page
+    embeds its thumbnails and loads nothing from the network, so it opens from file:// anywhere.
+    """
+    from jobs.preview import PreviewError, default_out_dir, write_preview
+
+    try:
+        files = write_preview(output_url, out_dir or default_out_dir(output_url), limit=limit)
+    except PreviewError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(f"{files.images} images: {files.page}\ncontact sheet: {files.sheet}")
 
 
 @main.command("make-tiny-model")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--preset", "preset_name", type=click.Choice(["tiny", "tiny-alt"]), default="tiny", show_default=True)
-def make_tiny_model_cmd(out_dir: str, seed: int, preset_name: str) -> None:
+@click.option("--variations", is_flag=True,
+              help="The image-variations layout: no prior, a tiny CLIP vision tower and its image processor.")
+def make_tiny_model_cmd(out_dir: str, seed: int, preset_name: str, variations: bool) -> None:
     """Write a tiny random-weight Karlo in the diffusers on-disk layout to OUT_DIR."""
     from karlo_model import make_tiny_model
 
-    path = make_tiny_model(out_dir, seed=seed, preset_name=preset_name)
-    click.echo(f"wrote a random-weight {preset_name} Karlo model to {path}")
+    path = make_tiny_model(out_dir, seed=seed, preset_name=preset_name, variations=variations)
+    kind = " image-variations" if variations else ""
+    click.echo(f"wrote a random-weight {preset_name}{kind} Karlo model to {path}")
 
 
-@main.group("bench")
-def bench() -> None:
-    """Benchmarks; each prints a table (or --json) of rates and ratios measured in one run."""
+@main.group("bench", invoke_without_command=True)
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """Benchmarks; each prints a table (or --json) of rates and ratios measured in one run. Without a subcommand:
+    the whole suite (`karlo bench all`)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(bench_all_cmd)
+
+
+DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
+
+
+def _model_options(fn):
+    """Which model, where and how: shared by the benchmarks that run the model in this process."""
+    options = [
+        click.option("--model", default=None, metavar="DIR",
+                     help="Local diffusers-format repo (default: the embedded tiny model)."),
+        click.option("--preset", default=None, type=click.Choice(["karlo-v1-alpha", "tiny", "tiny-alt"]),
+                     help="With --random-weights: build this preset's shapes with random weights on the device, in "
+                          "memory (nothing written to disk)."),
+        click.option("--random-weights", is_flag=True, help="Use --preset's shapes with random weights."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random weights."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+        click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True),
+        click.option("--fast/--no-fast", default=None,
+                     help="The fast path (channels_last, cuDNN autotuning). Default: on for cuda with bf16/fp16."),
+        click.option("--compile", "compile_", is_flag=True, help="torch.compile the denoising networks."),
+        click.option("--steps", nargs=3, type=int, default=(25, 25, 7), show_default=True,
+                     help="prior decoder super-res"),
+        click.option("--repeats", default=2, show_default=True, type=int),
+        click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _source(model: str | None, preset: str | None, random_weights: bool, seed: int):
+    from jobs.bench import ModelSource
+
+    if random_weights != (preset is not None):
+        raise click.UsageError("random weights need a shape: give --preset NAME together with --random-weights")
+    if preset is not None and model is not None:
+        raise click.UsageError("give either --model or --preset with --random-weights, not both")
+    if preset is not None:
+        return ModelSource(preset=preset, seed=seed)
+    return ModelSource(model_dir=_model_or_default(model))
 
 
 def _model_or_default(model: str | None) -> str:
@@ -113,57 +234,140 @@ def _model_or_default(model: str | None) -> str:
     return model or default_model()
 
 
-def _report(rows: list[dict], as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    keys = list(rows[0])
-    click.echo("  ".join(f"{k:>24}" for k in keys))
-    for row in rows:
-        click.echo("  ".join(f"{v:>24.3f}" if isinstance(v, float) else f"{v!s:>24}" for v in row.values()))
+def _require_diffusers() -> None:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise click.UsageError("the model benchmark compares against diffusers: pip install 'karlo-pipeline[test]'"
+                               ) from None
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda: no CUDA GPU is visible to this process")
+
+
+def _print_result(result: dict, as_json: bool) -> None:
+    from jobs.bench import format_report
+
+    click.echo(json.dumps(result, indent=2) if as_json else format_report(result))
+
+
+@bench.command("all")
+@_model_options
+@click.option("--reference-dtype", type=DTYPE_CHOICE, default=None,
+              help="diffusers' dtype (default: --dtype); e.g. float16 against Karlo in bfloat16.")
+@click.option("--batch-size", "batch_sizes", multiple=True, type=int, default=(1, 4, 8), show_default=True,
+              help="Batch sizes of the model comparison (repeat the option).")
+@click.option("--stage-batch-size", default=4, show_default=True, type=int,
+              help="Batch size of the stage benchmark (and of the CPU pipeline run).")
+@click.option("--pipeline-rows", default=64, show_default=True, type=int)
+@click.option("--data-plane-rows", default=6000, show_default=True, type=int)
+@click.option("--driver-rows", default=100_000, show_default=True, type=int)
+@click.option("--only", "sections", multiple=True,
+              type=click.Choice(["model", "stages", "pipeline", "driver_memory"]),
+              help="Run only these sections (repeat the option). Default: all.")
+def bench_all_cmd(model, preset, random_weights, seed, device, dtype, fast, compile_, steps, repeats, as_json,
+                  reference_dtype, batch_sizes, stage_batch_size, pipeline_rows, data_plane_rows, driver_rows,
+                  sections) -> None:
+    """The whole suite in one run: model vs diffusers, stages (images/s, FLOP utilisation), pipeline and data-plane
+    efficiency, driver memory over 100k rows."""
+    from jobs.bench import bench_all
+    from pipeline.stages import DTYPES
+
+    sections = tuple(sections) or ("model", "stages", "pipeline", "driver_memory")
+    source = _source(model, preset, random_weights, seed)
+    _check_device(device)
+    if "model" in sections:
+        _require_diffusers()
+    if "pipeline" in sections and source.model_dir is None:
+        raise click.UsageError("the pipeline section loads the model in Ray actors and needs a model folder; "
+                               "leave it out with --only model --only stages --only driver_memory")
+    result = bench_all(source, device=device, dtype=DTYPES[dtype],
+                       reference_dtype=DTYPES[reference_dtype] if reference_dtype else None, fast=fast,
+                       compile=compile_, batch_sizes=tuple(batch_sizes), stage_batch_size=stage_batch_size,
+                       steps=tuple(steps), repeats=repeats, pipeline_rows=pipeline_rows,
+                       data_plane_rows=data_plane_rows, driver_rows=driver_rows, sections=sections)
+    _print_result(result, as_json)
 
 
 @bench.command("model")
-@click.option("--model", default=None, metavar="DIR", help="Local diffusers-format repo (default: the tiny model).")
-@click.option("--batch-size", "batch_sizes", multiple=True, type=int, default=(1, 8), show_default=True)
-@click.option("--steps", nargs=3, type=int, default=(25, 25, 7), show_default=True, help="prior decoder super-res")
-@click.option("--repeats", default=2, show_default=True, type=int)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-def bench_model_cmd(model, batch_sizes, steps, repeats, device, dtype, as_json) -> None:
+@_model_options
+@click.option("--reference-dtype", type=DTYPE_CHOICE, default=None,
+              help="diffusers' dtype (default: --dtype); e.g. float16 against Karlo in bfloat16.")
+@click.option("--batch-size", "batch_sizes", multiple=True, type=int, default=(1, 4, 8), show_default=True)
+def bench_model_cmd(model, preset, random_weights, seed, device, dtype, fast, compile_, steps, repeats, as_json,
+                    reference_dtype, batch_sizes) -> None:
     """Karlo.generate vs diffusers' UnCLIPPipeline on the same weights (needs the test extra: diffusers)."""
     from jobs.bench import bench_model
     from pipeline.stages import DTYPES
 
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        raise click.UsageError("bench model compares against diffusers: pip install 'karlo-pipeline[test]'") from None
-    rows = bench_model(_model_or_default(model), batch_sizes=tuple(batch_sizes), steps=tuple(steps),
-                       repeats=repeats, device=device, dtype=DTYPES[dtype])
-    _report(rows, as_json)
+    source = _source(model, preset, random_weights, seed)
+    _check_device(device)
+    _require_diffusers()
+    result = bench_model(source, batch_sizes=tuple(batch_sizes), steps=tuple(steps), repeats=repeats,
+                         device=device, dtype=DTYPES[dtype], fast=fast, compile=compile_,
+                         reference_dtype=DTYPES[reference_dtype] if reference_dtype else None)
+    _print_result({"model": result}, as_json)
+
+
+@bench.command("stages")
+@_model_options
+@click.option("--batch-size", default=4, show_default=True, type=int)
+def bench_stages_cmd(model, preset, random_weights, seed, device, dtype, fast, compile_, steps, repeats, as_json,
+                     batch_size) -> None:
+    """Each stage alone: images/s, FLOPs per image and FLOP utilisation against the device's peak."""
+    from jobs.bench import bench_stages
+    from pipeline.stages import DTYPES
+
+    source = _source(model, preset, random_weights, seed)
+    _check_device(device)
+    karlo = source.load(device, DTYPES[dtype], fast=fast, compile=compile_)
+    result = bench_stages(karlo, batch_size=batch_size, steps=tuple(steps), repeats=repeats)
+    _print_result({"stages": result}, as_json)
 
 
 @bench.command("pipeline")
 @click.option("--model", default=None, metavar="DIR", help="Local diffusers-format repo (default: the tiny model).")
 @click.option("--rows", default=64, show_default=True, type=int)
-@click.option("--batch-size", default=4, show_default=True, type=int)
+@click.option("--batch-size", default=None, type=int, help="Every stage's batch size (default: the device's).")
 @click.option("--steps", nargs=3, type=int, default=(25, 25, 7), show_default=True, help="prior decoder super-res")
 @click.option("--data-plane-rows", default=6000, show_default=True, type=int)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True)
+@click.option("--repeats", default=2, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True)
-def bench_pipeline_cmd(model, rows, batch_size, steps, data_plane_rows, as_json) -> None:
-    """Pipeline vs an in-process generate loop, and the data plane vs the PNG-encode bound."""
+def bench_pipeline_cmd(model, rows, batch_size, steps, data_plane_rows, device, dtype, repeats, as_json) -> None:
+    """Pipeline vs the bound its stages' standalone rates set, and the data plane vs the PNG-encode bound."""
     from jobs.bench import bench_pipeline
 
+    _check_device(device)
     result = bench_pipeline(_model_or_default(model), rows=rows, batch_size=batch_size, steps=tuple(steps),
-                            data_plane_rows=data_plane_rows)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-    else:
-        for k, v in result.items():
-            click.echo(f"{k:>28}  {v:.3f}" if isinstance(v, float) else f"{k:>28}  {v}")
+                            data_plane_rows=data_plane_rows, device=device, dtype=dtype, repeats=repeats)
+    _print_result({"pipeline": result}, as_json)
 
+
+@bench.command("driver-memory")
+@click.option("--rows", default=100_000, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+def bench_driver_memory_cmd(rows, as_json) -> None:
+    """The driver's peak RSS growth while ROWS prompt rows stream through the pipeline (networks skipped)."""
+    from jobs.bench import bench_driver_memory
+
+    _print_result({"driver_memory": bench_driver_memory(rows=rows)}, as_json)
+
+
+from jobs.k8s import launch_rayjob_cmd, render_k8s_cmd  # noqa: E402 - commands defined in their own modules
+from jobs.submit import jobs_group, submit_cmd  # noqa: E402
+from jobs.sweep import sweep_cmd  # noqa: E402
+
+main.add_command(submit_cmd)
+main.add_command(jobs_group)
+main.add_command(sweep_cmd)
+main.add_command(render_k8s_cmd)
+main.add_command(launch_rayjob_cmd)
 
 if __name__ == "__main__":
     main()

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+from ray.actor import ActorHandle
 from ray.data import ActorPoolStrategy, Dataset
 from ray.data.block import BlockAccessor
 from ray.data.extensions import ArrowTensorArray
 
 from . import columns as C
-from .config import RunConfig, StageConfig
+from . import crashes
+from .config import STAGE_NAMES, RunConfig, StageConfig
+from .scoring import ClipScoreStage, reference_column
 from .stages import STAGE_CLASSES
+from .variations import ImageEncoderStage
+
+# Every stage a run may have (pipeline.config.ALL_STAGE_NAMES).
+STAGES = {**STAGE_CLASSES, "image_encoder": ImageEncoderStage, "clip_score": ClipScoreStage}
 
 
 class StageActor:
@@ -22,11 +29,15 @@ class StageActor:
 
     stage_name: str
 
-    def __init__(self, kwargs: dict):
-        self.stage = STAGE_CLASSES[self.stage_name](**kwargs)
+    def __init__(self, kwargs: dict, crash_ledger: ActorHandle):
+        self.stage = STAGES[self.stage_name](**kwargs)
         self.columns = sorted(set(self.stage.inputs) | {C.ERROR, C.ERROR_STAGE})
+        self.crash_ledger = crash_ledger
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        return crashes.guarded(self._map, table, self.stage_name, self.crash_ledger)
+
+    def _map(self, table: pa.Table) -> pa.Table:
         batch = BlockAccessor.for_block(table.select(self.columns)).to_batch_format("numpy")
         out = self.stage(batch)
         keep = [c for c in table.column_names if c not in self.stage.consumes and c not in out]
@@ -49,23 +60,27 @@ def to_arrow(values: np.ndarray) -> pa.Array:
 # One subclass per stage so that Ray's progress and stats name the operators (MapBatches(PriorActor), ...).
 ACTOR_CLASSES = {
     name: type(f"{''.join(w.title() for w in name.split('_'))}Actor", (StageActor,), {"stage_name": name})
-    for name in STAGE_CLASSES
+    for name in STAGES
 }
 
 
 def add_stage(ds: Dataset, name: str, stage: StageConfig, cfg: RunConfig, model: str) -> Dataset:
-    kwargs = dict(
+    """Append stage ``name`` as an actor pool; ``model`` is the Karlo repo, or the CLIP tower of the score stage."""
+    kwargs: dict = dict(
         model=model,
-        steps=cfg.steps(name),
         device=stage.device,
         dtype=stage.dtype,
         storage_options=cfg.storage_options,
         torch_threads=stage.torch_threads if stage.device == "cpu" else None,
         skip_networks=cfg.skip_networks,
     )
+    if name in STAGE_NAMES:  # the sampling stages
+        kwargs["steps"] = cfg.steps(name)
+    elif name == "clip_score":
+        kwargs["reference"] = reference_column(cfg)
     return ds.map_batches(
         ACTOR_CLASSES[name],
-        fn_constructor_args=(kwargs,),
+        fn_constructor_args=(kwargs, crashes.ledger(cfg.output_url)),
         batch_size=stage.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=stage.min_actors, max_size=stage.max_actors),

@@ -37,8 +37,17 @@ NEG_TEXT_MASK = "__neg_text_mask"  # (B, 77) bool
 IMAGE_64 = "__image_64"  # (B, 3, 64, 64) float32 in [-1, 1], decoder output
 RNG_STATE = "__rng_state"  # (B, S) uint8, each row's torch.Generator state after the previous stage
 
+# Image variations (pipeline.variations): the input image, as prepare found it.
+SOURCE_IMAGE = "__source_image"  # bytes of the encoded input image
+SOURCE_IMAGE_PATH = "source_image"  # str or null: the input image's path or URL, or the name stored with its bytes
+
+# Added by the optional CLIP score stage (pipeline.scoring).
+CLIP_IMAGE_EMB = "clip_img_emb"  # (B, P) float32, L2-normalised CLIP embedding of the generated image
+CLIP_SCORE = "clip_score"  # float32, cosine of clip_img_emb with the reference embedding (the prompt's text_emb)
+
 # Columns a user table may not carry, because the pipeline writes them.
-RESERVED = (SOURCE, SOURCE_ROW, KEY, PROMPT_TRUNCATED, ERROR, ERROR_STAGE, TEXT_EMB, IMAGE_EMB, IMAGE)
+RESERVED = (SOURCE, SOURCE_ROW, KEY, PROMPT_TRUNCATED, ERROR, ERROR_STAGE, TEXT_EMB, IMAGE_EMB, IMAGE,
+            SOURCE_IMAGE_PATH, CLIP_IMAGE_EMB, CLIP_SCORE)
 
 
 def is_internal(name: str) -> bool:

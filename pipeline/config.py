@@ -14,20 +14,25 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
 STAGE_NAMES = ("prior", "decoder", "super_res")
+# Every stage a stage-config file may set, in pipeline order: image variations replace the prior by the image encoder,
+# CLIP scoring (pipeline.scoring) is an optional last stage.
+ALL_STAGE_NAMES = ("prior", "image_encoder", "decoder", "super_res", "clip_score")
+TASKS = ("generate", "variations")
 DEVICES = ("cpu", "cuda")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 IMAGE_FORMATS = ("png", "jpeg", "webp")
 OUTPUT_FORMATS = ("webdataset", "parquet")
 
 # GPU shares follow each stage's compute per image (reference karlo.md §6: SR 61%, decoder 31%, prior 8%), so
-# one GPU shared by the three pools spends its time where the work is.
-GPU_SHARES = {"prior": 0.1, "decoder": 0.3, "super_res": 0.6}
-GPU_BATCH = {"prior": 64, "decoder": 32, "super_res": 8}
+# one GPU shared by the pools spends its time where the work is. The image encoder of variations stands in for the
+# prior; a CLIP ViT-L/14 forward per image is under 0.1% of the generation, and its share keeps the sum at 1.
+GPU_SHARES = {"prior": 0.08, "image_encoder": 0.08, "decoder": 0.3, "super_res": 0.6, "clip_score": 0.02}
+GPU_BATCH = {"prior": 64, "image_encoder": 64, "decoder": 32, "super_res": 8, "clip_score": 64}
 
 
 class ConfigError(ValueError):
@@ -72,17 +77,19 @@ def default_stage(name: str, device: str, dtype: str) -> StageConfig:
                        dtype=dtype)
 
 
-def parse_stage_configs(data: Mapping[str, Any] | None, device: str, dtype: str) -> dict[str, StageConfig]:
-    """Stage configs from a parsed stage-config file (or None for the defaults)."""
+def parse_stage_configs(
+    data: Mapping[str, Any] | None, device: str, dtype: str, names: Sequence[str] = STAGE_NAMES
+) -> dict[str, StageConfig]:
+    """Configs of the stages ``names`` from a parsed stage-config file (or None for the defaults)."""
     data = dict(data or {})
-    unknown = set(data) - {"defaults", *STAGE_NAMES}
+    unknown = set(data) - {"defaults", *ALL_STAGE_NAMES}
     _check(not unknown, f"stage config: unknown sections {sorted(unknown)}; expected defaults, "
-                        f"{', '.join(STAGE_NAMES)}")
+                        f"{', '.join(ALL_STAGE_NAMES)}")
     defaults = _section(data.get("defaults"), "defaults")
     run_device = defaults.get("device", device)
     run_dtype = defaults.get("dtype", dtype)
     out = {}
-    for name in STAGE_NAMES:
+    for name in names:
         values = {**defaults, **_section(data.get(name), name)}
         actors = values.pop("actors", None)
         if actors is not None:
@@ -95,13 +102,15 @@ def parse_stage_configs(data: Mapping[str, Any] | None, device: str, dtype: str)
     return out
 
 
-def load_stage_config_file(text: str, device: str, dtype: str) -> dict[str, StageConfig]:
+def load_stage_config_file(
+    text: str, device: str, dtype: str, names: Sequence[str] = STAGE_NAMES
+) -> dict[str, StageConfig]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"stage config is not valid YAML: {e}") from None
     _check(data is None or isinstance(data, dict), "stage config must be a mapping of sections")
-    return parse_stage_configs(data, device, dtype)
+    return parse_stage_configs(data, device, dtype, names)
 
 
 _STAGE_KEYS = {f.name for f in dataclasses.fields(StageConfig)} - {"min_actors", "max_actors"} | {"actors"}
@@ -144,6 +153,11 @@ class RunConfig:
     dtype: str = "float32"
     overwrite: bool = False
     skip_networks: bool = False  # measurement mode: synthetic stage outputs, real encoding and writes
+    task: str = "generate"  # or "variations": INPUT holds images (pipeline.variations)
+    image_column: str = "image"  # variations: the column of image bytes, HF Image structs, or paths/URLs
+    clip_score: bool = False  # score each image with a CLIP vision tower (pipeline.scoring)
+    clip_model: str | None = None  # the tower: None picks the run's own (pipeline.scoring.clip_model_for)
+    min_clip_score: float | None = None  # rows scoring below go to rejected/
     stages: dict[str, StageConfig] = field(default_factory=dict)
     storage_options: dict = field(default_factory=dict, repr=False)  # may hold credentials: never printed
 
@@ -160,18 +174,31 @@ class RunConfig:
         _check(_is_int(self.rows_per_read_task) and self.rows_per_read_task >= 1, "rows_per_read_task must be >= 1")
         _check(self.device in DEVICES, f"device must be one of {list(DEVICES)}")
         _check(self.dtype in DTYPE_NAMES, f"dtype must be one of {list(DTYPE_NAMES)}")
-        unknown = set(self.stages) - set(STAGE_NAMES)
-        _check(not unknown, f"unknown stages {sorted(unknown)}; expected {', '.join(STAGE_NAMES)}")
-        # Stages left out run with the defaults for the run's device.
-        defaults = parse_stage_configs(None, self.device, self.dtype)
-        object.__setattr__(self, "stages", {name: self.stages.get(name, defaults[name]) for name in STAGE_NAMES})
+        _check(self.task in TASKS, f"task must be one of {list(TASKS)}")
+        _check(isinstance(self.image_column, str) and bool(self.image_column), "image_column must be a column name")
+        _check(self.min_clip_score is None or self.clip_score, "min_clip_score needs clip_score")
+        _check(self.min_clip_score is None or (_is_number(self.min_clip_score) and -1 <= self.min_clip_score <= 1),
+               "min_clip_score is a cosine: a number in [-1, 1]")
+        _check(self.clip_model is None or self.clip_score, "clip_model needs clip_score")
+        unknown = set(self.stages) - set(ALL_STAGE_NAMES)
+        _check(not unknown, f"unknown stages {sorted(unknown)}; expected {', '.join(ALL_STAGE_NAMES)}")
+        # Stages left out run with the defaults for the run's device; stages the run does not have are dropped.
+        defaults = parse_stage_configs(None, self.device, self.dtype, self.stage_names)
+        object.__setattr__(self, "stages", {n: self.stages.get(n, defaults[n]) for n in self.stage_names})
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """The model stages of this run, in pipeline order."""
+        first = "image_encoder" if self.task == "variations" else "prior"
+        return (first, "decoder", "super_res") + (("clip_score",) if self.clip_score else ())
 
     def steps(self, stage: str) -> int:
         return getattr(self, f"{stage}_steps")
 
     def output_settings(self) -> dict[str, Any]:
-        """Everything that changes the pixels of a row besides its prompt and seed (DESIGN §5)."""
-        return {
+        """Everything that changes the pixels of a row besides its prompt and seed (DESIGN §5), and which rows are
+        kept."""
+        settings = {
             "seed": self.seed,
             "prior_steps": self.prior_steps,
             "decoder_steps": self.decoder_steps,
@@ -184,6 +211,13 @@ class RunConfig:
             "dtypes": {n: s.dtype for n, s in self.stages.items()},
             "skip_networks": self.skip_networks,
         }
+        # Optional features add keys only when used, so that the identity of runs without them stays what it was.
+        if self.task == "variations":
+            del settings["prior_steps"], settings["prior_guidance_scale"]  # no prior
+            settings.update(task=self.task, image_column=self.image_column)
+        if self.clip_score:
+            settings["clip_score"] = {"model": self.clip_model, "min_clip_score": self.min_clip_score}
+        return settings
 
 
 def _is_int(v: Any) -> bool:

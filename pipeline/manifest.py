@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+from safetensors import SafetensorError, safe_open
 
 from karlo_model.weights import WEIGHT_FILES, cache_root, file_digest, is_remote
 
+from .config import ConfigError
 from .reader import display_url
+from .redact import storage_error
 
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
@@ -37,11 +40,28 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+class ModelError(ConfigError):
+    """--model names no usable Karlo repo; found on the driver, before any actor loads it."""
+
+
 def model_identity(model: str, storage_options: dict | None = None) -> dict[str, Any]:
     """Where the model came from and a fingerprint of every weight file: sha256 for local files (cached by
-    size and mtime, since hashing the real 13 GB model takes a while), the storage's ETag/size otherwise."""
+    size and mtime, since hashing the real 13 GB model takes a while), the storage's ETag/size otherwise.
+
+    Raises ModelError for a model that is missing, unreadable or has a damaged safetensors file (local models:
+    only the headers are parsed), so that a bad --model fails in seconds rather than in every actor.
+    """
+    shown = display_url(model)
     fs, root = fsspec.core.url_to_fs(model, **(storage_options or {}))
-    index = json.loads(fs.cat_file(f"{root}/model_index.json"))
+    try:
+        index = json.loads(fs.cat_file(f"{root}/model_index.json"))
+    except FileNotFoundError:
+        raise ModelError(f"no Karlo model at {shown}: it has no model_index.json (--model takes a folder or URL "
+                         "of a diffusers-format repo such as kakaobrain/karlo-v1-alpha)") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"model {shown}: model_index.json is not valid JSON ({e})") from None
+    except OSError as e:  # PermissionError for wrong credentials, connection errors
+        raise ModelError(f"cannot read the model at {shown}: {storage_error(e, storage_options)}") from None
     weights: dict[str, Any] = {}
     for comp in sorted(k for k, v in index.items() if isinstance(v, list)):
         folder = f"{root}/{comp}"
@@ -56,9 +76,22 @@ def model_identity(model: str, storage_options: dict | None = None) -> dict[str,
         if is_remote(model):
             entry["etag"] = info.get("ETag") or info.get("etag") or info.get("md5Hash")
         else:
+            _check_header(Path(f"{folder}/{chosen}"), shown)
             entry["sha256"] = _cached_digest(Path(f"{folder}/{chosen}"))
         weights[comp] = entry
     return {"model": display_url(model), "class": index.get("_class_name"), "weights": weights}
+
+
+def _check_header(path: Path, shown: str) -> None:
+    """Parse a safetensors file's header, which also checks that the file is as long as the header says."""
+    if path.suffix != ".safetensors":
+        return
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except SafetensorError as e:
+        name = f"{path.parent.name}/{path.name}"
+        raise ModelError(f"model {shown}: {name} is not a valid safetensors file ({e})") from None
 
 
 def _cached_digest(path: Path) -> str:

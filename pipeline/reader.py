@@ -16,6 +16,7 @@ import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 import fsspec
 import numpy as np
@@ -27,6 +28,7 @@ from ray.data.context import DataContext
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline import columns as C
+from pipeline.redact import storage_error
 
 _MAGIC = b"PAR1"
 # One ranged GET usually covers a prompt table's whole footer; a longer footer costs a second GET.
@@ -71,17 +73,29 @@ class InputPlan:
         return sum(f.num_rows for f in self.files)
 
 
-def plan_inputs(url: str, storage_options: dict | None = None, rows_per_task: int = 256) -> InputPlan:
-    """List the Parquet files at ``url`` (a file, a folder searched recursively, or a glob) and read their footers."""
+def plan_inputs(
+    url: str,
+    storage_options: dict | None = None,
+    rows_per_task: int = 256,
+    check_columns: Callable[[pa.Schema, str, str], None] | None = None,
+) -> InputPlan:
+    """List the Parquet files at ``url`` (a file, a folder searched recursively, or a glob) and read their footers.
+
+    ``check_columns(schema, source, shown_url)`` raises InputError for a file whose columns cannot be used; the
+    default is the prompt-table rules (image variations bring their own)."""
+    check_columns = check_columns or _check_columns
     if rows_per_task < 1:
         raise ValueError(f"rows_per_task must be >= 1, got {rows_per_task}")
     storage_options = dict(storage_options or {})
     shown = display_url(url)
     fs, path = fsspec.core.url_to_fs(url, **storage_options)
-    root, sizes = _list_files(fs, path, shown)
-    paths = sorted(sizes)
-    with ThreadPoolExecutor(min(_FOOTER_THREADS, len(paths))) as pool:
-        footers = list(pool.map(lambda p: _read_footer(fs, p, sizes[p]), paths))
+    try:
+        root, sizes = _list_files(fs, path, shown)
+        paths = sorted(sizes)
+        with ThreadPoolExecutor(min(_FOOTER_THREADS, len(paths))) as pool:
+            footers = list(pool.map(lambda p: _read_footer(fs, p, sizes[p]), paths))
+    except OSError as e:  # PermissionError for wrong credentials; storage errors that outlasted its retries
+        raise InputError(f"cannot read the input {shown}: {storage_error(e, storage_options)}") from None
 
     files, schemas, bad = [], [], []
     for p, footer in zip(paths, footers):
@@ -90,7 +104,7 @@ def plan_inputs(url: str, storage_options: dict | None = None, rows_per_task: in
             bad.append((source, footer))
             continue
         schema = pa.schema([f for f in footer.schema_arrow if not _PANDAS_INDEX.fullmatch(f.name)])
-        _check_columns(schema, source, shown)
+        check_columns(schema, source, shown)
         meta = footer.metadata
         groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
         files.append(
@@ -156,6 +170,24 @@ class PromptTableDatasource(Datasource):
 def read_prompts(plan: InputPlan, num_cpus: float = 0.25) -> ray.data.Dataset:
     """The plan as a Dataset. Each read task takes a fraction of a CPU to fit beside actor pools that hold the rest."""
     return ray.data.read_datasource(PromptTableDatasource(plan), num_cpus=num_cpus)
+
+
+def read_column(plan: InputPlan, name: str) -> list[tuple[str, list]]:
+    """(source, values) of one column in every planned file, in plan order; all None where a file lacks it.
+
+    For checks on the driver that need every row at once, such as unique keys; only that column's pages are read.
+    """
+
+    def values(f: InputFile) -> list:
+        fs, path = fsspec.core.url_to_fs(f.url, **plan.storage_options)
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            if name not in pf.schema_arrow.names:
+                return [None] * f.num_rows
+            return pf.read(columns=[name]).column(name).to_pylist()
+
+    with ThreadPoolExecutor(min(_FOOTER_THREADS, len(plan.files))) as pool:
+        return [(f.source, column) for f, column in zip(plan.files, pool.map(values, plan.files))]
 
 
 def display_url(url: str) -> str:
@@ -242,11 +274,27 @@ def _unify_type(name: str, by_type: dict[pa.DataType, list[str]], shown: str) ->
     # Within a family (int32 + int64, string + large_string) Arrow widens to a common type; across families a
     # cast would change the values (int + float would turn seeds into floats), so it is an error.
     families = {_family(t) for t in types}
+    listed = ", ".join(f"{t} in {', '.join(repr(s) for s in by_type[t][:_SHOWN_FILES])}" for t in types)
     if len(families) == 1 and None not in families:
         fields = [pa.schema([pa.field(name, t)]) for t in types]
-        return pa.unify_schemas(fields, promote_options="permissive").field(name).type
-    listed = ", ".join(f"{t} in {', '.join(repr(s) for s in by_type[t][:_SHOWN_FILES])}" for t in types)
+        unified = pa.unify_schemas(fields, promote_options="permissive").field(name).type
+        # Arrow unifies int64 and uint64 as int64, and the read would then fail on the first seed >= 2**63.
+        if all(_holds(unified, t) for t in types):
+            return unified
+        raise InputError(f"{shown}: column {name!r} has integer types across files that no one type holds: "
+                         f"{listed}; write it with one type in every file")
     raise InputError(f"{shown}: column {name!r} has incompatible types across files: {listed}")
+
+
+def _holds(unified: pa.DataType, t: pa.DataType) -> bool:
+    """Whether every value of type ``t`` is a value of ``unified`` (only integers can fail within a family)."""
+    if not pa.types.is_integer(t):
+        return True
+    if pa.types.is_signed_integer(t):
+        return pa.types.is_signed_integer(unified) and unified.bit_width >= t.bit_width
+    if pa.types.is_unsigned_integer(unified):
+        return unified.bit_width >= t.bit_width
+    return unified.bit_width > t.bit_width
 
 
 def _family(t: pa.DataType) -> str | None:

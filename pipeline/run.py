@@ -25,19 +25,26 @@ from karlo_model.weights import cache_root
 
 from . import columns as C
 from .actors import add_stage
-from .config import STAGE_NAMES, ConfigError, RunConfig
+from .config import ConfigError, RunConfig
 from .manifest import MANIFEST, SUCCESS, differences, identity_of_run, model_identity, now, package_versions
-from .reader import InputPlan, plan_inputs, read_prompts
-from .schema import prepare_batch
+from .progress import report_progress
+from .reader import InputPlan, display_url, plan_inputs, read_column, read_prompts
+from .redact import storage_error
+from .schema import find_duplicates, prepare_batch
+from .scoring import check_tower, clip_model_for, reference_column
+from .variations import check_model_kind, image_column_check, prepare_images
 from .sinks import (
+    CLIP_EMB_DIR,
     COMMITS_DIR,
     ERRORS_DIR,
     IMAGES_DIR,
     IMG_EMB_DIR,
     METADATA_DIR,
+    REJECTED_DIR,
     TEXT_EMB_DIR,
     KarloDatasink,
     SinkResult,
+    check_writable,
     committed_keys,
     committed_shards,
     output_filesystem,
@@ -48,10 +55,14 @@ from .sinks import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "tiny-random-v1"
-RUN_FOLDERS = (IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR, METADATA_DIR, ERRORS_DIR, COMMITS_DIR)
+RUN_FOLDERS = (IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR, METADATA_DIR, ERRORS_DIR, CLIP_EMB_DIR, REJECTED_DIR, COMMITS_DIR)
 
 
-class OutputConflict(RuntimeError):
+class OutputError(RuntimeError):
+    """OUTPUT cannot be used; the message says why."""
+
+
+class OutputConflict(OutputError):
     """OUTPUT already holds a run made with other settings, model or input."""
 
 
@@ -66,10 +77,11 @@ class RunSummary:
     bad_files: list[tuple[str, str]]
     seconds: float
     images_this_run: int
+    rejected: int = 0  # rows below the minimum CLIP score, committed in rejected/
 
     @property
     def complete(self) -> bool:
-        return self.written + self.errors == self.rows_in
+        return self.written + self.errors + self.rejected == self.rows_in
 
     @property
     def images_per_second(self) -> float:
@@ -80,17 +92,19 @@ class RunSummary:
         return self.complete and self.errors == 0 and not self.bad_files
 
 
-def default_model() -> str:
-    """The embedded default: a tiny random-weight model, built once per machine into the cache."""
-    target = cache_root() / DEFAULT_MODEL_NAME
+def default_model(variations: bool = False) -> str:
+    """The embedded default: a tiny random-weight model (or its image-variations sibling, which shares its text
+    encoder), built once per machine into the cache."""
+    name = f"{DEFAULT_MODEL_NAME}-variations" if variations else DEFAULT_MODEL_NAME
+    target = cache_root() / name
     if (target / "model_index.json").is_file():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{DEFAULT_MODEL_NAME}.lock", "w") as lock:
+    with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "model_index.json").is_file():
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-            make_tiny_model(tmp, seed=0, preset_name="tiny")
+            make_tiny_model(tmp, seed=0, preset_name="tiny", variations=variations)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
     return str(target)
@@ -125,9 +139,12 @@ def check_resources(cfg: RunConfig) -> None:
         )
 
 
-def prepare_and_skip(table: pa.Table, *, done: pa.Array, **settings: Any) -> pa.Table:
-    """The prepare step, then drop rows whose key is already committed in OUTPUT (resume)."""
-    table = prepare_batch(table, **settings)
+def prepare_and_skip(
+    table: pa.Table, *, done: pa.Array, prepare: Callable[..., pa.Table] = prepare_batch, **settings: Any
+) -> pa.Table:
+    """The prepare step (of prompts, or of images for variations), then drop rows whose key is already committed
+    in OUTPUT (resume)."""
+    table = prepare(table, **settings)
     if len(done):
         table = table.filter(pc.invert(pc.is_in(table.column(C.KEY), value_set=done)))
     return table
@@ -135,17 +152,20 @@ def prepare_and_skip(table: pa.Table, *, done: pa.Array, **settings: Any) -> pa.
 
 def _open_output(cfg: RunConfig, identity: dict[str, Any]) -> tuple[Any, str, dict[str, Any] | None]:
     fs, root = output_filesystem(cfg.output_url, cfg.storage_options)
+    shown = display_url(cfg.output_url)
     try:
         fs.makedirs(root, exist_ok=True)
+        check_writable(fs, root)
     except OSError as e:
-        raise OutputConflict(f"cannot create the output folder {cfg.output_url}: {e}") from None
+        reason = storage_error(e, cfg.storage_options)
+        raise OutputError(f"cannot write to the output folder {shown}: {reason}") from None
     previous = None
     if fs.exists(f"{root}/{MANIFEST}"):
         previous = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
         diff = differences(previous.get("identity", {}), identity)
         if diff and not cfg.overwrite:
             raise OutputConflict(
-                f"{cfg.output_url} already holds a run with different settings ("
+                f"{shown} already holds a run with different settings ("
                 + "; ".join(diff[:5])
                 + "). Use a fresh OUTPUT, or --overwrite to delete that run's files first."
             )
@@ -160,12 +180,19 @@ def _open_output(cfg: RunConfig, identity: dict[str, Any]) -> tuple[Any, str, di
     return fs, root, previous
 
 
-def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info) -> RunSummary:
+def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_interval: float = 0.0) -> RunSummary:
+    """Generate every uncommitted row of ``cfg``; with ``progress_interval`` > 0, ``echo`` a status line that often."""
     started = time.time()
-    plan: InputPlan = plan_inputs(cfg.input_url, cfg.storage_options, cfg.rows_per_read_task)
-    model = cfg.model or default_model()
+    variations = cfg.task == "variations"
+    plan: InputPlan = plan_inputs(cfg.input_url, cfg.storage_options, cfg.rows_per_read_task,
+                                  check_columns=image_column_check(cfg.image_column) if variations else None)
+    model = cfg.model or default_model(variations)
     model_id = model_identity(model, cfg.storage_options)
+    check_model_kind(cfg.task, model_id)
     identity = identity_of_run(cfg.input_url, model_id, cfg.output_settings())
+    if cfg.clip_score:
+        clip_model = clip_model_for(cfg, model, default_model(variations=True) if cfg.model is None else None)
+        clip_info = check_tower(clip_model, model, cfg.storage_options)
     # Before OUTPUT is touched: a run that cannot be placed must not leave a manifest that refuses the fixed rerun.
     init_ray()
     check_resources(cfg)
@@ -189,6 +216,8 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info) -> RunSumm
         "rows_per_shard": cfg.rows_per_shard,
         "packages": package_versions(),
     }
+    if cfg.clip_score:
+        manifest["clip_score"] = {**clip_info, "reference": reference_column(cfg), "min": cfg.min_clip_score}
     write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
     if fs.exists(f"{root}/{SUCCESS}"):
         fs.rm(f"{root}/{SUCCESS}")
@@ -201,13 +230,15 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info) -> RunSumm
         rows_per_shard=cfg.rows_per_shard,
         settings={
             "model": model_id["model"],
-            "prior_steps": cfg.prior_steps,
+            **({} if variations else {"prior_steps": cfg.prior_steps}),
             "decoder_steps": cfg.decoder_steps,
             "super_res_steps": cfg.super_res_steps,
         },
+        min_clip_score=cfg.min_clip_score,
     )
     remaining = plan.total_rows - len(done)
     if remaining > 0:
+        duplicates = find_duplicates(read_column(plan, C.ID)) if C.ID in plan.schema.names else {}
         ds = read_prompts(plan)
         ds = ds.map_batches(
             prepare_and_skip,
@@ -216,22 +247,28 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info) -> RunSumm
             fn_kwargs=dict(
                 done=pa.array(sorted(done), pa.string()),
                 run_seed=cfg.seed,
-                prior_guidance_scale=float(cfg.prior_guidance_scale),
                 decoder_guidance_scale=float(cfg.decoder_guidance_scale),
+                duplicates=duplicates,
+                **(dict(prepare=prepare_images, image_column=cfg.image_column, storage_options=cfg.storage_options)
+                   if variations else dict(prior_guidance_scale=float(cfg.prior_guidance_scale))),
             ),
         )
-        for name in STAGE_NAMES:
-            ds = add_stage(ds, name, cfg.stages[name], cfg, model)
+        for name in cfg.stages:
+            ds = add_stage(ds, name, cfg.stages[name], cfg, clip_model if name == "clip_score" else model)
+        if variations:  # the decoder's guidance switch (always 1: no prior) is not a setting of the outputs
+            ds = ds.drop_columns([C.PRIOR_GUIDANCE_SCALE], num_cpus=0.25)
         # Encoding images is single-threaded CPU work: half a CPU per write task lets two writers run beside the
         # CPU stage pools on a 2-CPU machine, and at most one writer per CPU keeps them from thrashing.
         writers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.5}, concurrency=writers)
+        with report_progress(cfg.output_url, cfg.storage_options, total=plan.total_rows,
+                             interval=progress_interval, write=echo):
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.5}, concurrency=writers)
     this_run = sink.result or SinkResult(0, 0, 0, 0)
 
     markers = committed_shards(cfg.output_url, cfg.storage_options)
     total = SinkResult.from_markers(markers)
     summary = RunSummary(
-        output_url=cfg.output_url,
+        output_url=display_url(cfg.output_url),
         rows_in=plan.total_rows,
         written=total.rows,
         errors=total.errors,
@@ -240,14 +277,16 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info) -> RunSumm
         bad_files=list(plan.bad_files),
         seconds=time.time() - started,
         images_this_run=this_run.rows,
+        rejected=total.rejected,
     )
     manifest.update(
         status="complete" if summary.complete else "incomplete",
         finished=now(),
         counts={"input_rows": summary.rows_in, "written": summary.written, "errors": summary.errors,
-                "shards": summary.shards},
+                "rejected": summary.rejected, "shards": summary.shards},
         last_attempt={"seconds": round(summary.seconds, 3), "images": summary.images_this_run,
-                      "errors": this_run.errors, "images_per_second": round(summary.images_per_second, 4)},
+                      "errors": this_run.errors, "rejected": this_run.rejected,
+                      "images_per_second": round(summary.images_per_second, 4)},
     )
     write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
     if summary.complete:

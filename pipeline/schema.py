@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from typing import Collection, Iterable, Mapping
 
 import pyarrow as pa
 
@@ -64,6 +65,36 @@ def key_from_id(ident: object) -> str:
     return f"{stem}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
+def row_key(ident: object, source: str, source_row: int) -> tuple[str, str | None]:
+    """(key, None) for a usable id or none; (derived key, the reason) for an id that cannot be a key: the row
+    still needs a unique key for the errors table."""
+    try:
+        return make_key(ident, source, source_row), None
+    except ValueError as e:
+        return derive_key(source, source_row), str(e)
+
+
+def find_duplicates(ids: Iterable[tuple[str, list]]) -> dict[str, frozenset[int]]:
+    """source -> rows whose key an earlier row of the input already has, given (source, id values) of every
+    file in plan order.
+
+    :func:`prepare_batch` sees one read task's rows; a repeat in another task would be generated twice, under
+    one key. The driver finds repeats across the whole input here, from the id column alone, and passes them to
+    every batch, so that the first row with a key keeps it and every later one is an error row, whatever the
+    batching. Each repeat takes its derived key, as :func:`prepare_batch` gives it.
+    """
+    seen: set[str] = set()
+    out: dict[str, set[int]] = {}
+    for source, column in ids:
+        for row, ident in enumerate(column):
+            key, reason = row_key(ident, source, row)
+            if reason is None and key in seen:
+                out.setdefault(source, set()).add(row)
+                key = derive_key(source, row)
+            seen.add(key)
+    return {source: frozenset(rows) for source, rows in out.items()}
+
+
 def derive_key(source: str, source_row: int) -> str:
     """Key of a row without an id: a hash of its source file and its index there, stable across reruns as long
     as the input files keep their names and row order. Distinct files get distinct prefixes."""
@@ -77,9 +108,19 @@ def derive_seed(run_seed: int, key: str) -> int:
 
 
 def prepare_batch(
-    table: pa.Table, *, run_seed: int, prior_guidance_scale: float, decoder_guidance_scale: float
+    table: pa.Table,
+    *,
+    run_seed: int,
+    prior_guidance_scale: float,
+    decoder_guidance_scale: float,
+    duplicates: Mapping[str, Collection[int]] | None = None,
 ) -> pa.Table:
-    """Add key, seed, negative_prompt, both guidance scales, error and error_stage to a reader batch."""
+    """Add key, seed, negative_prompt, both guidance scales, error and error_stage to a reader batch.
+
+    A row repeating the key of an earlier row of the batch, or listed in ``duplicates`` (from
+    :func:`find_duplicates`, for repeats across batches), is an error row.
+    """
+    duplicates = duplicates or {}
     n = table.num_rows
     given = (C.ID, C.SEED, C.NEGATIVE_PROMPT, C.PRIOR_GUIDANCE_SCALE, C.DECODER_GUIDANCE_SCALE)
     rows = zip(
@@ -93,17 +134,13 @@ def prepare_batch(
     for prompt, source, source_row, ident, seed, negative, prior, decoder in rows:
         reasons: list[str] = []
         _check_prompt(prompt, reasons)
-        try:
-            key = make_key(ident, source, source_row)
-        except ValueError as e:
-            # The row still needs a unique key for the errors table; the message quotes the id.
+        key, reason = row_key(ident, source, source_row)
+        if reason:
+            reasons.append(reason)
+        elif key in used or source_row in duplicates.get(source, ()):
+            # The duplicate takes its derived key, so that keys stay unique across good and error rows.
+            reasons.append(f"duplicate id {_show(ident)}: an earlier row has the same key {key!r}")
             key = derive_key(source, source_row)
-            reasons.append(str(e))
-        else:
-            if key in used:
-                # The duplicate takes its derived key, so that keys stay unique across good and error rows.
-                reasons.append(f"duplicate id {_show(ident)}: an earlier row has the same key {key!r}")
-                key = derive_key(source, source_row)
         used.add(key)
         values = (
             key,

@@ -34,7 +34,7 @@ IMAGE_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 ENCODER_OPTIONS: dict[str, dict[str, Any]] = {"png": {}, "jpeg": {"quality": 95}, "webp": {"quality": 95}}
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
-TENSOR_COLUMNS = (C.IMAGE, C.IMAGE_EMB, C.TEXT_EMB)
+TENSOR_COLUMNS = (C.IMAGE, C.IMAGE_EMB, C.TEXT_EMB, C.CLIP_IMAGE_EMB)
 REQUIRED_COLUMNS = (C.KEY, C.PROMPT, C.SEED, C.ERROR)
 # Interpreted columns, in the order metadata files list them; those a block lacks are skipped.
 METADATA_COLUMNS = (
@@ -45,11 +45,13 @@ METADATA_COLUMNS = (
     C.PRIOR_GUIDANCE_SCALE,
     C.DECODER_GUIDANCE_SCALE,
     C.PROMPT_TRUNCATED,
+    C.CLIP_SCORE,
+    C.SOURCE_IMAGE_PATH,
     C.ID,
     C.SOURCE,
     C.SOURCE_ROW,
 )
-ERROR_COLUMNS = (C.KEY, C.ID, C.SOURCE, C.SOURCE_ROW, C.PROMPT, C.SEED, C.ERROR_STAGE, C.ERROR)
+ERROR_COLUMNS = (C.KEY, C.ID, C.SOURCE, C.SOURCE_ROW, C.PROMPT, C.SOURCE_IMAGE_PATH, C.SEED, C.ERROR_STAGE, C.ERROR)
 # Never copied to metadata as pass-through: the error pair only describes error rows, tensors have own files.
 _NOT_PASSTHROUGH = set(METADATA_COLUMNS) | set(TENSOR_COLUMNS) | {C.ERROR, C.ERROR_STAGE}
 

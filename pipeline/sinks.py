@@ -34,6 +34,8 @@ from ray.data.block import Block
 from ray.data.datasource.datasink import WriteResult
 
 from pipeline import columns as C
+from pipeline.redact import redact
+from pipeline.rejected import rejected_table, split_rejected
 from pipeline.shards import (
     IMAGE_EXTENSIONS,
     ShardRows,
@@ -55,9 +57,11 @@ from pipeline.shards import (
 __all__ = [
     "KarloDatasink",
     "SinkResult",
+    "check_writable",
     "committed_keys",
     "committed_shards",
     "encode_image",
+    "marker_names",
     "open_atomic",
     "output_filesystem",
     "remove_uncommitted",
@@ -71,6 +75,8 @@ _IMAGE_WRITERS = {"webdataset": ("tar", write_webdataset), "parquet": ("parquet"
 OUTPUT_FORMATS = tuple(_IMAGE_WRITERS)
 IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR = "images", "img_emb", "text_emb"
 METADATA_DIR, ERRORS_DIR, COMMITS_DIR = "metadata", "errors", "_commits"
+# With CLIP scoring (pipeline.scoring): the score tower's image embeddings, and rows below --min-clip-score.
+CLIP_EMB_DIR, REJECTED_DIR = "clip_img_emb", "rejected"
 # Temporary local names start with a dot and end in random hex, so no '*.parquet' / '*.npy' / '*.tar' glob
 # of a downstream reader (embedding-reader, datasets, pyarrow) ever picks one up.
 TEMP_PREFIX = ".tmp-"
@@ -84,6 +90,8 @@ _SHARD_FILE_NAMES = {
     TEXT_EMB_DIR: re.compile(r"text_emb_" + _ID + r"\.npy"),
     METADATA_DIR: re.compile(r"metadata_" + _ID + r"\.parquet"),
     ERRORS_DIR: re.compile(r"errors_" + _ID + r"\.parquet"),
+    CLIP_EMB_DIR: re.compile(r"clip_img_emb_" + _ID + r"\.npy"),
+    REJECTED_DIR: re.compile(r"rejected_" + _ID + r"\.parquet"),
 }
 
 
@@ -149,6 +157,15 @@ def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> int
     return len(data)
 
 
+def check_writable(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Write and delete a small object under ``root``, so that a folder or bucket we may not write to fails the
+    run before any work, with the storage's own error (PermissionError, ...). Its temporary name is one that
+    :func:`remove_uncommitted` cleans up, should the process die in between."""
+    probe = f"{root}/{TEMP_PREFIX}write-check-{uuid.uuid4().hex[:12]}"
+    write_json_atomic(fs, probe, {})
+    fs.rm(probe)
+
+
 @dataclasses.dataclass(frozen=True)
 class SinkResult:
     """What one ``write_datasink`` call committed."""
@@ -157,6 +174,7 @@ class SinkResult:
     errors: int  # error rows written to errors/
     shards: int
     bytes: int  # data files only, markers excluded
+    rejected: int = 0  # rows below the minimum CLIP score, written to rejected/
 
     @classmethod
     def from_markers(cls, markers: Iterable[dict[str, Any]]) -> SinkResult:
@@ -166,6 +184,7 @@ class SinkResult:
             errors=sum(m["errors"] for m in markers),
             shards=len(markers),
             bytes=sum(m["bytes"] for m in markers),
+            rejected=sum(m.get("rejected", 0) for m in markers),
         )
 
 
@@ -186,6 +205,7 @@ class KarloDatasink(Datasink[list[dict[str, Any]]]):
         output_format: str = "webdataset",
         rows_per_shard: int = 1000,
         settings: dict[str, Any] | None = None,
+        min_clip_score: float | None = None,
     ):
         if image_format not in IMAGE_EXTENSIONS:
             raise ValueError(f"image_format must be one of {sorted(IMAGE_EXTENSIONS)}, got {image_format!r}")
@@ -202,6 +222,7 @@ class KarloDatasink(Datasink[list[dict[str, Any]]]):
         self.output_format = output_format
         self.rows_per_shard = rows_per_shard
         self.settings = settings
+        self.min_clip_score = min_clip_score  # good rows scoring below go to rejected/
         self.result: SinkResult | None = None
 
     @property
@@ -227,6 +248,7 @@ class KarloDatasink(Datasink[list[dict[str, Any]]]):
         shard = shard_id(check_keys(rows.table))
         failed = error_mask(rows.table)
         good, bad = rows.filter(~failed), rows.filter(failed)
+        good, rejected = split_rejected(good, self.min_clip_score)
         written: dict[str, int] = {}  # path relative to root -> bytes
 
         def put(relpath: str, writer: Callable[..., None], *args: Any) -> None:
@@ -243,12 +265,18 @@ class KarloDatasink(Datasink[list[dict[str, Any]]]):
             put(f"{IMG_EMB_DIR}/img_emb_{shard}.npy", write_npy, good.tensor(C.IMAGE_EMB))
             put(f"{TEXT_EMB_DIR}/text_emb_{shard}.npy", write_npy, good.tensor(C.TEXT_EMB))
             put(f"{METADATA_DIR}/metadata_{shard}.parquet", write_parquet, metadata)
+            if C.CLIP_IMAGE_EMB in good.tensors:
+                put(f"{CLIP_EMB_DIR}/clip_img_emb_{shard}.npy", write_npy, good.tensor(C.CLIP_IMAGE_EMB))
         if bad.num_rows:
             put(f"{ERRORS_DIR}/errors_{shard}.parquet", write_parquet, errors_table(bad))
+        if rejected.num_rows:
+            put(f"{REJECTED_DIR}/rejected_{shard}.parquet", write_parquet,
+                rejected_table(rejected, self.settings, self.image_format))
         marker = {
             "shard": shard,
             "rows": good.num_rows,
             "errors": bad.num_rows,
+            "rejected": rejected.num_rows,
             "files": list(written),
             "bytes": sum(written.values()),
         }
@@ -279,10 +307,15 @@ def _list_names(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
     return [path.rstrip("/").rsplit("/", 1)[-1] for path in paths]
 
 
+def marker_names(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """Names of the commit markers in ``root/_commits`` as they are now (not cached)."""
+    is_marker = _SHARD_FILE_NAMES[COMMITS_DIR].fullmatch
+    return [name for name in _list_names(fs, f"{root}/{COMMITS_DIR}") if is_marker(name)]
+
+
 def _markers(fs: fsspec.AbstractFileSystem, root: str) -> list[dict[str, Any]]:
     folder = f"{root}/{COMMITS_DIR}"
-    is_marker = _SHARD_FILE_NAMES[COMMITS_DIR].fullmatch
-    paths = [f"{folder}/{name}" for name in _list_names(fs, folder) if is_marker(name)]
+    paths = [f"{folder}/{name}" for name in marker_names(fs, root)]
     if not paths:
         return []
     markers = [json.loads(data) for data in fs.cat(paths).values()]
@@ -295,9 +328,9 @@ def committed_shards(output_url: str, storage_options: dict[str, Any] | None = N
 
 
 def committed_keys(output_url: str, storage_options: dict[str, Any] | None = None) -> set[str]:
-    """Keys of every committed row, good or error: the rows a resumed run must not write again."""
+    """Keys of every committed row, good, error or rejected: the rows a resumed run must not write again."""
     fs, root = output_filesystem(output_url, storage_options)
-    tables = (f"{METADATA_DIR}/", f"{ERRORS_DIR}/")
+    tables = (f"{METADATA_DIR}/", f"{ERRORS_DIR}/", f"{REJECTED_DIR}/")
     paths = [f"{root}/{rel}" for m in _markers(fs, root) for rel in m["files"] if rel.startswith(tables)]
     if not paths:
         return set()
@@ -319,7 +352,9 @@ def remove_uncommitted(output_url: str, storage_options: dict[str, Any] | None =
             match = pattern.fullmatch(name)
             if name.startswith(TEMP_PREFIX) or (match and match.group(1) not in committed):
                 doomed.append(f"{folder}/{name}")
+    # Beside the folders: a manifest or write check left half-written by a process killed while writing it.
+    doomed += [name for name in _list_names(fs, root) if name.startswith(TEMP_PREFIX)]
     if doomed:
         fs.rm([f"{root}/{rel}" for rel in doomed])
-        logger.info("removed %d uncommitted files under %s", len(doomed), output_url)
+        logger.info("removed %d uncommitted files under %s", len(doomed), redact(output_url))
     return sorted(doomed)

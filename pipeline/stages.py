@@ -17,10 +17,14 @@ import torch
 
 from karlo_model import Karlo
 from karlo_model.karlo import EXPECTED_CLASSES, read_repo_configs
-from karlo_model.text import TextEncoding
+from karlo_model.config import KarloConfig
+from karlo_model.karlo import PriorResult
+from karlo_model.text import MAX_LENGTH, TextEncoding
 from karlo_model.weights import local_repo
 
 from . import columns as C
+from . import faults
+from .redact import redact, secret_values
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +39,13 @@ class Stage:
     components: tuple[str, ...]  # Karlo stages to load
     inputs: tuple[str, ...]
     consumes: tuple[str, ...] = ()
+    secrets: frozenset[str] = frozenset()  # of the storage options, kept out of error texts
 
     def __init__(
         self,
         model: str,
         *,
-        steps: int,
+        steps: int | None = None,  # sampling stages only
         device: str = "cpu",
         dtype: str = "float32",
         storage_options: dict | None = None,
@@ -50,6 +55,11 @@ class Stage:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.steps = steps
+        self.secrets = frozenset(secret_values(storage_options))
+        self.load(model, device=device, dtype=dtype, storage_options=storage_options, skip_networks=skip_networks)
+
+    def load(self, model: str, *, device: str, dtype: str, storage_options: dict | None, skip_networks: bool) -> None:
+        """Load the stage's networks once per actor (set ``self.model``; None in measurement mode)."""
         if skip_networks:
             # Measurement mode: the data plane alone (transfers, encoding, writes) with the networks replaced by
             # synthetic outputs of the right shapes.
@@ -82,7 +92,7 @@ class Stage:
         good = np.flatnonzero(error == "")
         for rows, result in self._run_rows(batch, good):
             if isinstance(result, Exception):
-                error[rows] = f"{type(result).__name__}: {result}"[:1000]
+                error[rows] = redact(f"{type(result).__name__}: {result}", self.secrets)[:1000]
                 error_stage[rows] = self.name
             else:
                 for name, values in result.items():
@@ -97,14 +107,17 @@ class Stage:
             return
         compute = self.run if self.model is not None else self.synthetic
         try:
+            faults.inject(self.name, np.asarray(batch[C.KEY])[rows])
             yield rows, compute(_take(batch, self.inputs, rows))
             return
         except Exception as e:  # noqa: BLE001 - any failure becomes per-row errors below
             if len(rows) == 1:
-                logger.warning("%s stage failed on row %s: %r", self.name, batch[C.KEY][rows[0]], e)
+                logger.warning("%s stage failed on row %s: %s", self.name, batch[C.KEY][rows[0]],
+                               redact(repr(e), self.secrets))
                 yield rows, e
                 return
-            logger.warning("%s stage failed on a batch of %d rows (%r); retrying row by row", self.name, len(rows), e)
+            logger.warning("%s stage failed on a batch of %d rows (%s); retrying row by row", self.name, len(rows),
+                           redact(repr(e), self.secrets))
         for row in rows:
             yield from self._run_rows(batch, np.array([row]))
 
@@ -138,34 +151,39 @@ class PriorStage(Stage):
             decoder_guidance_scale=batch[C.DECODER_GUIDANCE_SCALE],
             negative_prompts=[str(p) for p in batch[C.NEGATIVE_PROMPT]],
         )
-        return {
-            C.TEXT_EMB: _numpy(r.text.embeds),
-            C.IMAGE_EMB: _numpy(r.image_embeds),
-            C.PROMPT_TRUNCATED: r.text.truncated,
-            C.TEXT_HIDDEN: _numpy(r.text.hidden),
-            C.TEXT_MASK: r.text.mask.cpu().numpy(),
-            C.NEG_TEXT_EMB: _numpy(r.negative.embeds),
-            C.NEG_TEXT_HIDDEN: _numpy(r.negative.hidden),
-            C.NEG_TEXT_MASK: r.negative.mask.cpu().numpy(),
-            C.RNG_STATE: r.rng_state,
-        }
+        return {**first_stage_outputs(r), C.PROMPT_TRUNCATED: r.text.truncated}
 
     def empty(self, n: int) -> Batch:
-        cfg = self.config
-        d = cfg.prior.embedding_dim
-        w = cfg.text_encoder["hidden_size"]
-        seq = cfg.prior.num_embeddings
-        return {
-            C.TEXT_EMB: np.zeros((n, d), np.float32),
-            C.IMAGE_EMB: np.zeros((n, d), np.float32),
-            C.PROMPT_TRUNCATED: np.zeros(n, bool),
-            C.TEXT_HIDDEN: np.zeros((n, seq, w), np.float32),
-            C.TEXT_MASK: np.zeros((n, seq), bool),
-            C.NEG_TEXT_EMB: np.zeros((n, d), np.float32),
-            C.NEG_TEXT_HIDDEN: np.zeros((n, seq, w), np.float32),
-            C.NEG_TEXT_MASK: np.zeros((n, seq), bool),
-            C.RNG_STATE: np.zeros((n, RNG_STATE_BYTES), np.uint8),
-        }
+        return {**empty_first_stage_outputs(n, self.config), C.PROMPT_TRUNCATED: np.zeros(n, bool)}
+
+
+def first_stage_outputs(r: PriorResult) -> Batch:
+    """What the first stage (the prior, or the image encoder of variations) hands the decoder."""
+    return {
+        C.TEXT_EMB: _numpy(r.text.embeds),
+        C.IMAGE_EMB: _numpy(r.image_embeds),
+        C.TEXT_HIDDEN: _numpy(r.text.hidden),
+        C.TEXT_MASK: r.text.mask.cpu().numpy(),
+        C.NEG_TEXT_EMB: _numpy(r.negative.embeds),
+        C.NEG_TEXT_HIDDEN: _numpy(r.negative.hidden),
+        C.NEG_TEXT_MASK: r.negative.mask.cpu().numpy(),
+        C.RNG_STATE: r.rng_state,
+    }
+
+
+def empty_first_stage_outputs(n: int, config: KarloConfig) -> Batch:
+    """``first_stage_outputs`` of n error rows, zero-filled."""
+    d, w, seq = config.text_encoder["projection_dim"], config.text_encoder["hidden_size"], MAX_LENGTH
+    return {
+        C.TEXT_EMB: np.zeros((n, d), np.float32),
+        C.IMAGE_EMB: np.zeros((n, d), np.float32),
+        C.TEXT_HIDDEN: np.zeros((n, seq, w), np.float32),
+        C.TEXT_MASK: np.zeros((n, seq), bool),
+        C.NEG_TEXT_EMB: np.zeros((n, d), np.float32),
+        C.NEG_TEXT_HIDDEN: np.zeros((n, seq, w), np.float32),
+        C.NEG_TEXT_MASK: np.zeros((n, seq), bool),
+        C.RNG_STATE: np.zeros((n, RNG_STATE_BYTES), np.uint8),
+    }
 
 
 class DecoderStage(Stage):

@@ -76,6 +76,14 @@ def tiny_model(karlo_env) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_variations_model(karlo_env) -> str:
+    """The embedded image-variations model: the tiny model's components, no prior, a tiny CLIP vision tower."""
+    from pipeline.run import default_model
+
+    return default_model(variations=True)
+
+
+@pytest.fixture(scope="session")
 def ray_local(aws_env, karlo_env):
     """A local 2-CPU Ray for the rest of the session. Its workers inherit the environment of this process at
     start, so the dummy AWS credentials are set first."""
@@ -84,3 +92,28 @@ def ray_local(aws_env, karlo_env):
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+@dataclasses.dataclass
+class GeneratedRun:
+    root: object  # pathlib.Path of the output folder
+    result: object  # click.testing.Result: stdout has the summary table, stderr the progress lines
+
+
+@pytest.fixture(scope="session")
+def generated_run(tmp_path_factory, ray_local, tiny_model) -> GeneratedRun:
+    """`karlo generate` of six prompts (one empty, so one error row) through the CLI, one row per shard and a
+    status line every half second: a real run for the progress and preview tests."""
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+    from pipeline_utils import PROMPTS, STEPS, write_table
+
+    tmp = tmp_path_factory.mktemp("generated")
+    prompts = PROMPTS[:3] + [""] + PROMPTS[3:5]
+    table = write_table(tmp / "prompts.parquet", id=[f"row-{i}" for i in range(6)], prompt=prompts,
+                        seed=list(range(900, 906)))
+    steps = [arg for name, value in STEPS.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
+    result = CliRunner().invoke(main, ["generate", str(table), str(tmp / "out"), "--model", tiny_model, *steps,
+                                       "--rows-per-shard", "1", "--progress-interval", "0.5"])
+    return GeneratedRun(root=tmp / "out", result=result)

@@ -130,7 +130,7 @@ def test_gpu_stages_without_gpus_fail_before_any_work(tmp_path, ray_local, tiny_
     path.write_text("defaults: {device: cuda}\n")
     out = tmp_path / "out"
     result = karlo("generate", str(EXAMPLE), str(out), "--model", tiny_model, "--stage-config", str(path))
-    assert_usage_error(result, "error: stage prior asks for 0.1 GPU per actor but the Ray cluster has 0 GPUs")
+    assert_usage_error(result, "error: stage prior asks for 0.08 GPU per actor but the Ray cluster has 0 GPUs")
     assert not out.exists() or not any(out.iterdir())
 
 

@@ -103,7 +103,7 @@ def test_fractional_cpus_give_one_torch_thread_and_whole_cpus_theirs():
     "text, message",
     [
         ("priors: {batch_size: 2}\n",
-         "stage config: unknown sections ['priors']; expected defaults, prior, decoder, super_res"),
+         "stage config: unknown sections ['priors']; expected defaults, prior, image_encoder, decoder, super_res, clip_score"),
         ("prior: {batchsize: 2}\n", "stage config [prior]: unknown keys ['batchsize']; allowed: "),
         ("defaults: {gpus: 1}\n", "stage config [defaults]: unknown keys ['gpus']"),
         ("prior: {min_actors: 2}\n", "stage config [prior]: unknown keys ['min_actors']"),
@@ -196,7 +196,7 @@ def test_missing_stages_take_the_defaults():
 
 def test_unknown_stage_name():
     assert run_error(stages={"upscaler": StageConfig(batch_size=2)}) == (
-        "unknown stages ['upscaler']; expected prior, decoder, super_res"
+        "unknown stages ['upscaler']; expected prior, image_encoder, decoder, super_res, clip_score"
     )
 
 

@@ -82,7 +82,7 @@ def test_local_run_layout_counts_and_manifest(local_run):
     assert all(1 <= m["rows"] <= 2 and m["errors"] == 0 for m in out.markers)
     m = out.manifest
     assert m["status"] == "complete" and m["attempts"] == 1
-    assert m["counts"] == {"input_rows": 6, "written": 6, "errors": 0, "shards": s.shards}
+    assert m["counts"] == {"input_rows": 6, "written": 6, "errors": 0, "rejected": 0, "shards": s.shards}
     assert m["identity"]["settings"]["prior_steps"] == STEPS["prior_steps"]
     assert m["identity"]["model"]["weights"]["prior"]["sha256"]
     assert m["stages"]["decoder"]["batch_size"] == 1 and m["packages"]["ray"]

@@ -1,0 +1,97 @@
+"""A row that crashes a stage's worker process becomes an error row instead of crashing it forever.
+
+Ray Data restarts a map actor that dies (a segfault in native code, the out-of-memory killer, ``kill -9``) and
+retries its batch, without limit: actor pools run with ``max_restarts=-1`` and ``max_task_retries=-1``
+(reference ray.md §3.1). That recovers from a transient crash, but a row that crashes the process every time
+would be retried forever and the run would never end. A small ledger actor, owned by the driver, counts for
+each row the attempts that died while the row was being computed:
+
+- a batch none of whose rows died before runs as usual;
+- a batch holding a row that died before runs one row at a time, so that the crash is pinned on its row;
+- a row that died ``MAX_DEATHS`` times becomes an error row of the stage, without running again.
+
+A transient crash therefore costs one restart and a row-by-row pass over one batch; a poisonous row costs
+``MAX_DEATHS`` restarts. Rows that finish are forgotten, so the ledger only holds rows in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from typing import Callable
+
+import pyarrow as pa
+import ray
+
+from . import columns as C
+
+MAX_DEATHS = 3
+
+
+@ray.remote(num_cpus=0)
+class CrashLedger:
+    """(stage, key) -> attempts that started and neither finished nor were withdrawn."""
+
+    def __init__(self) -> None:
+        self.deaths: Counter[tuple[str, str]] = Counter()
+
+    def begin(self, stage: str, keys: list[str]) -> list[int]:
+        """Mark the rows in flight; returns, per row, how many earlier attempts died."""
+        before = [self.deaths[(stage, key)] for key in keys]
+        for key in keys:
+            self.deaths[(stage, key)] += 1
+        return before
+
+    def withdraw(self, stage: str, keys: list[str]) -> None:
+        """Take back a ``begin`` whose rows did not run."""
+        for key in keys:
+            self.deaths[(stage, key)] -= 1
+
+    def finish(self, stage: str, keys: list[str]) -> None:
+        """The rows are done: forget them."""
+        for key in keys:
+            self.deaths.pop((stage, key), None)
+
+
+def ledger(output_url: str) -> ray.actor.ActorHandle:
+    """The run's ledger, created on first use. Call it on the driver, which then owns it: the ledger lives as
+    long as the run, whichever actors die. Named per output, so concurrent runs on one cluster stay apart."""
+    name = "karlo-crash-ledger-" + hashlib.sha256(output_url.encode()).hexdigest()[:16]
+    return CrashLedger.options(name=name, get_if_exists=True).remote()
+
+
+def guarded(
+    fn: Callable[[pa.Table], pa.Table], table: pa.Table, stage: str, ledger: ray.actor.ActorHandle
+) -> pa.Table:
+    """``fn(table)`` for a stage's batch, isolating and finally rejecting rows that keep killing the process."""
+    keys = table.column(C.KEY).to_pylist()
+    died = ray.get(ledger.begin.remote(stage, keys))
+    if not any(died):
+        out = fn(table)
+        ray.get(ledger.finish.remote(stage, keys))
+        return out
+    ray.get(ledger.withdraw.remote(stage, keys))
+    pieces = []
+    for i, (key, deaths) in enumerate(zip(keys, died)):
+        row = table.slice(i, 1)
+        if deaths >= MAX_DEATHS:
+            pieces.append(fn(_reject(row, stage, deaths)))
+            ray.get(ledger.finish.remote(stage, [key]))
+            continue
+        ray.get(ledger.begin.remote(stage, [key]))
+        pieces.append(fn(row))
+        ray.get(ledger.finish.remote(stage, [key]))
+    return pa.concat_tables(pieces)
+
+
+def _reject(row: pa.Table, stage: str, deaths: int) -> pa.Table:
+    """The row as an error row of ``stage``; the stage passes error rows through without computing them."""
+    if row.column(C.ERROR)[0].as_py():
+        return row  # already an error row: it never runs, so it cannot be what crashed
+    reason = (
+        f"WorkerDied: the {stage} worker process died {deaths} times while computing this row (a crash in "
+        "native code, the out-of-memory killer or a signal); it is not retried again"
+    )
+    for name, value in ((C.ERROR, reason), (C.ERROR_STAGE, stage)):
+        row = row.set_column(row.schema.get_field_index(name), name, pa.array([value], pa.string()))
+    return row

@@ -1,0 +1,195 @@
+"""A periodic one-line status of a running generation, and the summary table printed when it ends.
+
+The driver learns how far a run got from the shards' commit markers (``_commits/X.json``, each holding its
+row and error counts): a background thread lists that folder every ``interval`` seconds and reads only the
+markers it has not seen. Committed rows are the run's durable progress (what a restart would keep), the
+cost is one listing plus one small read per new shard on S3, and nothing depends on Ray Data internals.
+The price is granularity: progress moves one shard (``--rows-per-shard`` rows) at a time.
+
+Lines are plain and newline-terminated, in a terminal too: Ray Data redraws its own progress bars at the
+bottom of a terminal, and a line rewritten in place with carriage returns would fight them; job logs
+(Ray job logs, Kubernetes) get one readable line per interval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from .sinks import COMMITS_DIR, marker_names, output_filesystem
+
+if TYPE_CHECKING:
+    from .run import RunSummary
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "[karlo]"
+DEFAULT_INTERVAL = 10.0  # seconds between status lines
+
+
+def format_duration(seconds: float) -> str:
+    """A short human duration: 45s, 3m12s, 1h02m, 2d03h (rounded down to the unit shown)."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def format_rate(per_second: float) -> str:
+    """Three significant figures for everyday rates, no exponent: 0.123, 4.56, 45.6, 456, 4560."""
+    if per_second >= 100:
+        return f"{per_second:.0f}"
+    if per_second >= 10:
+        return f"{per_second:.1f}"
+    if per_second >= 1:
+        return f"{per_second:.2f}"
+    return f"{per_second:.3f}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tally:
+    """Committed rows of a run: good rows (images) and error rows."""
+
+    rows: int = 0
+    errors: int = 0
+
+    @property
+    def done(self) -> int:
+        return self.rows + self.errors
+
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(self.rows + other.rows, self.errors + other.errors)
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """Progress of one run against its input: ``baseline`` was committed before this run started (resume),
+    so rates and the ETA count only what this run committed since ``started`` (same clock as ``now``)."""
+
+    total: int  # input rows
+    baseline: Tally
+    started: float
+
+    def images_per_second(self, tally: Tally, now: float) -> float:
+        elapsed = now - self.started
+        return (tally.rows - self.baseline.rows) / elapsed if elapsed > 0 else 0.0
+
+    def eta(self, tally: Tally, now: float) -> float | None:
+        """Seconds left at this run's average row rate (good and error rows); None before the first commit."""
+        remaining = max(0, self.total - tally.done)
+        if remaining == 0:
+            return 0.0
+        finished, elapsed = tally.done - self.baseline.done, now - self.started
+        if finished <= 0 or elapsed <= 0:
+            return None
+        return remaining / (finished / elapsed)
+
+    def line(self, tally: Tally, now: float) -> str:
+        """``[karlo] 1,234/10,000 rows (12.3%) | 45.6 img/s | ETA 3m12s | 2 errors``"""
+        percent = 100.0 * tally.done / self.total if self.total else 100.0
+        eta = self.eta(tally, now)
+        return " | ".join([
+            f"{PREFIX} {tally.done:,}/{self.total:,} rows ({percent:.1f}%)",
+            f"{format_rate(self.images_per_second(tally, now))} img/s",
+            "ETA " + ("--" if eta is None else format_duration(eta)),
+            _plural(tally.errors, "error"),
+        ])
+
+
+class MarkerTally:
+    """Sums the row and error counts of the commit markers under an output URL, reading each marker once."""
+
+    def __init__(self, output_url: str, storage_options: dict[str, Any] | None = None):
+        self.fs, self.root = output_filesystem(output_url, storage_options)
+        self.folder = f"{self.root}/{COMMITS_DIR}"
+        self.seen: set[str] = set()
+        self.tally = Tally()
+
+    def poll(self) -> Tally:
+        new = sorted(set(marker_names(self.fs, self.root)) - self.seen)
+        if new:
+            # A marker is written atomically and never changes, so one read per name is enough.
+            for data in self.fs.cat([f"{self.folder}/{name}" for name in new]).values():
+                marker = json.loads(data)
+                # Rows below the minimum CLIP score were generated too: done, like written ones.
+                self.tally += Tally(marker["rows"] + marker.get("rejected", 0), marker["errors"])
+            self.seen.update(new)
+        return self.tally
+
+
+class ProgressReporter:
+    """Writes ``Progress.line`` every ``interval`` seconds from a daemon thread until ``stop``."""
+
+    def __init__(self, tally: MarkerTally, total: int, interval: float, write: Callable[[str], None],
+                 clock: Callable[[], float] = time.monotonic):
+        if interval <= 0:
+            raise ValueError(f"interval must be > 0 seconds, got {interval}")
+        self.tally, self.interval, self.write, self.clock = tally, interval, write, clock
+        # The first poll is the baseline: rows committed by earlier attempts do not count towards the rate.
+        self.progress = Progress(total=total, baseline=tally.poll(), started=clock())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="karlo-progress", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                tally = self.tally.poll()
+            except Exception as e:  # a storage hiccup costs one status line, never the run
+                logger.warning("progress: could not read the commit markers: %s", e)
+                continue
+            self.write(self.progress.line(tally, self.clock()))
+
+
+@contextlib.contextmanager
+def report_progress(output_url: str, storage_options: dict[str, Any] | None, *, total: int, interval: float,
+                    write: Callable[[str], None]) -> Iterator[None]:
+    """Status lines about ``output_url`` every ``interval`` seconds while the body runs; 0 turns them off."""
+    if interval <= 0:
+        yield
+        return
+    reporter = ProgressReporter(MarkerTally(output_url, storage_options), total, interval, write)
+    reporter.start()
+    try:
+        yield
+    finally:
+        reporter.stop()
+
+
+def format_summary(s: RunSummary) -> str:
+    """The table printed when a run ends: counts, speed, where the output is, and what to do if incomplete."""
+    status = "complete" if s.complete else "INCOMPLETE"
+    rows = [
+        ("rows read", f"{s.rows_in}"),
+        ("images written", f"{s.written}" + (f" ({s.resumed} from earlier attempts)" if s.resumed else "")),
+        ("error rows", f"{s.errors}" + ("  -> see errors/" if s.errors else "")),
+        *([("rejected rows", f"{s.rejected}  (below --min-clip-score) -> see rejected/")] if s.rejected else []),
+        ("shards", f"{s.shards}"),
+        ("images/s", f"{s.images_per_second:.2f} ({s.images_this_run} in {s.seconds:.1f} s)"),
+        ("time", format_duration(s.seconds)),
+        ("output", f"{s.output_url}  (images/, img_emb/, text_emb/, metadata/, manifest.json)"),
+    ]
+    rows += [("unreadable file", f"{source}: {reason}") for source, reason in s.bad_files]
+    lines = [f"{PREFIX} run {status}"] + [f"  {label:<16} {value}" for label, value in rows]
+    if not s.complete:
+        lines.append("  INCOMPLETE: rows are missing; rerun the same command to finish")
+    return "\n".join(lines)
