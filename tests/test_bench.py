@@ -182,3 +182,20 @@ def test_example_gpu_stage_configs_parse(gpus):
     assert {(s.min_actors, s.max_actors) for s in stages.values()} == {(gpus, gpus)}
     assert sum(s.num_gpus for s in stages.values()) <= 1.0
     assert stages["super_res"].num_gpus > stages["decoder"].num_gpus > stages["prior"].num_gpus
+
+
+def test_commit_timeline_separates_start_up_from_the_steady_rate(tmp_path):
+    commits = tmp_path / "_commits"
+    commits.mkdir()
+    # Shards committed at t = 100 + 30 s (start-up), then at 40 s and 50 s: 500 rows each.
+    for name, at in (("a", 130.0), ("b", 140.0), ("c", 150.0)):
+        marker = commits / f"{name}.json"
+        marker.write_text('{"rows": 500, "errors": 0}')
+        os.utime(marker, (at, at))
+    first, steady = bench.commit_timeline(tmp_path, started=100.0)
+    assert first == pytest.approx(30.0)
+    assert steady == pytest.approx(1000 / 20)  # the first shard's rows are start-up, not steady state
+    for name in ("b", "c"):
+        (commits / f"{name}.json").unlink()
+    first, steady = bench.commit_timeline(tmp_path, started=100.0)
+    assert first == pytest.approx(30.0) and steady != steady  # one shard: no steady rate (nan)
