@@ -34,6 +34,7 @@ class CrashLedger:
 
     def __init__(self) -> None:
         self.deaths: Counter[tuple[str, str]] = Counter()
+        self.finished: Counter[str] = Counter()  # stage -> rows it finished in this run (the progress line)
 
     def begin(self, stage: str, keys: list[str]) -> list[int]:
         """Mark the rows in flight; returns, per row, how many earlier attempts died."""
@@ -51,6 +52,12 @@ class CrashLedger:
         """The rows are done: forget them."""
         for key in keys:
             self.deaths.pop((stage, key), None)
+        self.finished[stage] += len(keys)
+
+    def finished_rows(self, stage: str) -> int:
+        """Rows ``stage`` has finished in this run, not yet necessarily committed (a batch Ray retries after its
+        actor died past this point counts twice: an estimate for progress, never for accounting)."""
+        return self.finished[stage]
 
 
 def ledger(output_url: str) -> ray.actor.ActorHandle:

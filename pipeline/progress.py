@@ -4,7 +4,9 @@ The driver learns how far a run got from the shards' commit markers (``_commits/
 row and error counts): a background thread lists that folder every ``interval`` seconds and reads only the
 markers it has not seen. Committed rows are the run's durable progress (what a restart would keep), the
 cost is one listing plus one small read per new shard on S3, and nothing depends on Ray Data internals.
-The price is granularity: progress moves one shard (``--rows-per-shard`` rows) at a time.
+Committed progress moves one shard (``--rows-per-shard`` rows) at a time, so the line also shows the rows that
+have passed the last model stage (counted by the run's crash ledger, :mod:`pipeline.crashes`), and the ETA
+follows whichever is further along.
 
 Lines are plain and newline-terminated, in a terminal too: Ray Data redraws its own progress bars at the
 bottom of a terminal, and a line rewritten in place with carriage returns would fight them; job logs
@@ -87,22 +89,25 @@ class Progress:
         elapsed = now - self.started
         return (tally.rows - self.baseline.rows) / elapsed if elapsed > 0 else 0.0
 
-    def eta(self, tally: Tally, now: float) -> float | None:
-        """Seconds left at this run's average row rate (good and error rows); None before the first commit."""
-        remaining = max(0, self.total - tally.done)
+    def eta(self, tally: Tally, now: float, generated: int = 0) -> float | None:
+        """Seconds left at this run's average row rate (good and error rows), counting rows past the last model
+        stage (``generated``, this run's) when they are ahead of the commits; None before the first of either."""
+        finished, elapsed = max(tally.done - self.baseline.done, generated), now - self.started
+        remaining = max(0, self.total - self.baseline.done - finished)
         if remaining == 0:
             return 0.0
-        finished, elapsed = tally.done - self.baseline.done, now - self.started
         if finished <= 0 or elapsed <= 0:
             return None
         return remaining / (finished / elapsed)
 
-    def line(self, tally: Tally, now: float) -> str:
-        """``[karlo] 1,234/10,000 rows (12.3%) | 45.6 img/s | ETA 3m12s | 2 errors``"""
+    def line(self, tally: Tally, now: float, generated: int | None = None) -> str:
+        """``[karlo] 1,234/10,000 rows (12.3%) | 45.6 img/s | ETA 3m12s | 2 errors``, with ``| 1,500 generated``
+        after the rows when the run reports rows past its last model stage (committed a shard at a time)."""
         percent = 100.0 * tally.done / self.total if self.total else 100.0
-        eta = self.eta(tally, now)
+        eta = self.eta(tally, now, generated or 0)
         return " | ".join([
             f"{PREFIX} {tally.done:,}/{self.total:,} rows ({percent:.1f}%)",
+            *([] if generated is None else [f"{min(self.total, self.baseline.done + generated):,} generated"]),
             f"{format_rate(self.images_per_second(tally, now))} img/s",
             "ETA " + ("--" if eta is None else format_duration(eta)),
             _plural(tally.errors, "error"),
@@ -134,10 +139,11 @@ class ProgressReporter:
     """Writes ``Progress.line`` every ``interval`` seconds from a daemon thread until ``stop``."""
 
     def __init__(self, tally: MarkerTally, total: int, interval: float, write: Callable[[str], None],
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, generated: Callable[[], int] | None = None):
         if interval <= 0:
             raise ValueError(f"interval must be > 0 seconds, got {interval}")
         self.tally, self.interval, self.write, self.clock = tally, interval, write, clock
+        self.generated = generated  # rows past the last model stage in this run, when the run can tell
         # The first poll is the baseline: rows committed by earlier attempts do not count towards the rate.
         self.progress = Progress(total=total, baseline=tally.poll(), started=clock())
         self._stop = threading.Event()
@@ -154,20 +160,22 @@ class ProgressReporter:
         while not self._stop.wait(self.interval):
             try:
                 tally = self.tally.poll()
-            except Exception as e:  # a storage hiccup costs one status line, never the run
-                logger.warning("progress: could not read the commit markers: %s", e)
+                generated = self.generated() if self.generated else None
+            except Exception as e:  # a storage or Ray hiccup costs one status line, never the run
+                logger.warning("progress: could not read the run's progress: %s", e)
                 continue
-            self.write(self.progress.line(tally, self.clock()))
+            self.write(self.progress.line(tally, self.clock(), generated))
 
 
 @contextlib.contextmanager
 def report_progress(output_url: str, storage_options: dict[str, Any] | None, *, total: int, interval: float,
-                    write: Callable[[str], None]) -> Iterator[None]:
+                    write: Callable[[str], None], generated: Callable[[], int] | None = None) -> Iterator[None]:
     """Status lines about ``output_url`` every ``interval`` seconds while the body runs; 0 turns them off."""
     if interval <= 0:
         yield
         return
-    reporter = ProgressReporter(MarkerTally(output_url, storage_options), total, interval, write)
+    reporter = ProgressReporter(MarkerTally(output_url, storage_options), total, interval, write,
+                                generated=generated)
     reporter.start()
     try:
         yield

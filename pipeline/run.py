@@ -24,6 +24,7 @@ from karlo_model import make_tiny_model
 from karlo_model.weights import cache_root
 
 from . import columns as C
+from . import crashes
 from .actors import add_stage
 from .config import ConfigError, RunConfig
 from .manifest import MANIFEST, SUCCESS, differences, identity_of_run, model_identity, now, package_versions
@@ -260,8 +261,12 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
         # Encoding images is single-threaded CPU work: half a CPU per write task lets two writers run beside the
         # CPU stage pools on a 2-CPU machine, and at most one writer per CPU keeps them from thrashing.
         writers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        # Rows past the last model stage, for the progress line (the ledger outlives a run in the same driver).
+        last_stage, ledger = list(cfg.stages)[-1], crashes.ledger(cfg.output_url)
+        before = ray.get(ledger.finished_rows.remote(last_stage))
         with report_progress(cfg.output_url, cfg.storage_options, total=plan.total_rows,
-                             interval=progress_interval, write=echo):
+                             interval=progress_interval, write=echo,
+                             generated=lambda: ray.get(ledger.finished_rows.remote(last_stage), timeout=30) - before):
             ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.5}, concurrency=writers)
     this_run = sink.result or SinkResult(0, 0, 0, 0)
 

@@ -132,7 +132,7 @@ def test_reporter_survives_storage_errors(tmp_path, caplog):
         reporter.start()
         wait_until(lambda: len(lines) >= 2)
         reporter.stop()
-    assert "could not read the commit markers: connection reset" in caplog.text
+    assert "could not read the run's progress: connection reset" in caplog.text
 
 
 def test_zero_interval_turns_progress_off():
@@ -176,3 +176,14 @@ def test_generate_prints_progress_lines_and_the_summary(generated_run):
     assert "[karlo] run complete" in result.stdout
     assert "  images written   5" in result.stdout and "  error rows       1  -> see errors/" in result.stdout
     assert "  shards           6" in result.stdout  # one row per shard
+
+
+def test_rows_past_the_last_stage_show_before_their_shard_commits():
+    p = Progress(total=8, baseline=Tally(rows=2), started=0.0)
+    # 3 more rows generated in 30 s, none committed yet: the ETA follows them (3 rows / 30 s, 3 left).
+    line = p.line(Tally(rows=2), now=30.0, generated=3)
+    assert line == "[karlo] 2/8 rows (25.0%) | 5 generated | 0.000 img/s | ETA 30s | 0 errors"
+    # A batch retried after its actor died may be counted twice: never more than the input.
+    assert "| 8 generated |" in p.line(Tally(rows=2), now=30.0, generated=9)
+    # Commits ahead of the count (e.g. rows of an error shard): the ETA follows the commits.
+    assert p.eta(Tally(rows=5), now=30.0, generated=1) == pytest.approx(30.0)
