@@ -357,4 +357,19 @@ def remove_uncommitted(output_url: str, storage_options: dict[str, Any] | None =
     if doomed:
         fs.rm([f"{root}/{rel}" for rel in doomed])
         logger.info("removed %d uncommitted files under %s", len(doomed), redact(output_url))
+    aborted = _abort_uploads(fs, root)
+    if aborted:
+        logger.info("aborted %d unfinished uploads under %s", aborted, redact(output_url))
     return sorted(doomed)
+
+
+def _abort_uploads(fs: fsspec.AbstractFileSystem, root: str) -> int:
+    """S3: abort the multipart uploads a killed writer left under ``root``. They never become objects, but the
+    store keeps (and bills) their parts until they are aborted."""
+    if not hasattr(fs, "list_multipart_uploads"):
+        return 0
+    bucket, _, prefix = root.partition("/")
+    uploads = [u for u in fs.list_multipart_uploads(bucket) if u["Key"].startswith(f"{prefix}/")]
+    for u in uploads:
+        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+    return len(uploads)

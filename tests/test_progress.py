@@ -23,7 +23,7 @@ from pipeline.progress import (
 from pipeline.run import RunSummary
 from pipeline.sinks import write_json_atomic
 
-LINE = re.compile(r"\[karlo\] [\d,]+/[\d,]+ rows \(\d+\.\d%\) \| [\d.]+ img/s \| ETA (--|\w+) \| [\d,]+ errors?")
+LINE = re.compile(r"\[karlo\] [\d,]+/[\d,]+ rows \(\d+\.\d%\)( \| [\d,]+ generated)? \| [\d.]+ img/s \| ETA (--|\w+) \| [\d,]+ errors?")
 
 
 @pytest.mark.parametrize("seconds, text", [

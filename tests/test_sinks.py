@@ -476,3 +476,13 @@ def test_ray_write_datasink(ray_local, tmp_path):
     metadata_files = [f for m in markers for f in m["files"] if f.startswith("metadata/")]
     meta = pa.concat_tables([pq.read_table(f"{tmp_path}/{f}") for f in metadata_files])
     assert "style" in meta.column_names and not any(C.is_internal(c) for c in meta.column_names)
+
+
+def test_remove_uncommitted_aborts_unfinished_uploads_under_output_only(s3_bucket):
+    """A writer killed mid-upload leaves an incomplete multipart upload: never an object, but kept (and billed)
+    by the store until aborted. The cleanup before a rerun aborts those under OUTPUT, and nobody else's."""
+    fs, bucket = s3_bucket.fs, s3_bucket.url[5:]
+    for key in ("run/images/0123456789abcdef.tar", "other/file.bin"):
+        fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+    remove_uncommitted(f"{s3_bucket.url}/run", s3_bucket.storage_options)
+    assert [u["Key"] for u in fs.list_multipart_uploads(bucket)] == ["other/file.bin"]
