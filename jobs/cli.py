@@ -264,7 +264,7 @@ def _print_result(result: dict, as_json: bool) -> None:
 @click.option("--stage-batch-size", default=4, show_default=True, type=int,
               help="Batch size of the stage benchmark (and of the CPU pipeline run).")
 @click.option("--pipeline-rows", default=64, show_default=True, type=int)
-@click.option("--data-plane-rows", default=6000, show_default=True, type=int)
+@click.option("--data-plane-rows", default=20_000, show_default=True, type=int)
 @click.option("--driver-rows", default=100_000, show_default=True, type=int)
 @click.option("--only", "sections", multiple=True,
               type=click.Choice(["model", "stages", "pipeline", "driver_memory"]),
@@ -334,7 +334,7 @@ def bench_stages_cmd(model, preset, random_weights, seed, device, dtype, fast, c
 @click.option("--rows", default=64, show_default=True, type=int)
 @click.option("--batch-size", default=None, type=int, help="Every stage's batch size (default: the device's).")
 @click.option("--steps", nargs=3, type=int, default=(25, 25, 7), show_default=True, help="prior decoder super-res")
-@click.option("--data-plane-rows", default=6000, show_default=True, type=int)
+@click.option("--data-plane-rows", default=20_000, show_default=True, type=int)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True)
 @click.option("--repeats", default=2, show_default=True, type=int)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+if TYPE_CHECKING:  # imported where used, as in karlo_model.text
+    from transformers import CLIPVisionModelWithProjection
 
 from .config import ConfigError
 from .weights import load_into, load_state_dict
@@ -180,6 +182,8 @@ def preprocess(images: Sequence[np.ndarray], cfg: ImageProcessorConfig, device: 
 
 
 def build_vision_encoder(config: Mapping[str, Any]) -> CLIPVisionModelWithProjection:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
     cfg = CLIPVisionConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
     return CLIPVisionModelWithProjection(cfg).eval()
 
@@ -197,6 +201,8 @@ def load_vision_encoder(config: Mapping[str, Any], folder: Path) -> CLIPVisionMo
 
 def projection_dim(config: Mapping[str, Any]) -> int:
     """Width of the projected image embedding of a vision tower config (transformers' default: 512)."""
+    from transformers import CLIPVisionConfig
+
     return int(config.get("projection_dim", CLIPVisionConfig().projection_dim))
 
 

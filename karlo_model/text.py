@@ -7,10 +7,15 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+# transformers is imported where it is used: it costs seconds of start-up in every process that imports
+# karlo_model, and the decoder and super-res stages never need it.
+if TYPE_CHECKING:
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 MAX_LENGTH = 77
 PAD_TOKEN = "!"  # Karlo pads with id 0, which is "!" in CLIP's byte-level vocabulary (reference §1.8)
@@ -27,6 +32,8 @@ class TextEncoding:
 
 
 def load_tokenizer(path: str | Path) -> CLIPTokenizer:
+    from transformers import CLIPTokenizer
+
     tok = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
     if tok.convert_tokens_to_ids(tok.pad_token) != 0 or tok.model_max_length != MAX_LENGTH:
         raise ValueError(
@@ -44,6 +51,8 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> tuple[torch.Tensor
 
 
 def build_text_encoder(config: dict) -> CLIPTextModelWithProjection:
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
     cfg = CLIPTextConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
     return CLIPTextModelWithProjection(cfg).eval()
 

@@ -6,6 +6,8 @@ timestamps) reach the writer untouched; a stage sees only the columns it declare
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pyarrow as pa
 from ray.actor import ActorHandle
@@ -16,12 +18,21 @@ from ray.data.extensions import ArrowTensorArray
 from . import columns as C
 from . import crashes
 from .config import STAGE_NAMES, RunConfig, StageConfig
-from .scoring import ClipScoreStage, reference_column
-from .stages import STAGE_CLASSES
-from .variations import ImageEncoderStage
 
-# Every stage a run may have (pipeline.config.ALL_STAGE_NAMES).
-STAGES = {**STAGE_CLASSES, "image_encoder": ImageEncoderStage, "clip_score": ClipScoreStage}
+# Where each stage's class lives: an actor imports only its own stage's module, so that a decoder actor does not
+# pay for the imports of CLIP scoring or image variations when it starts.
+STAGE_CLASSES = {
+    "prior": "pipeline.stages:PriorStage",
+    "image_encoder": "pipeline.variations:ImageEncoderStage",
+    "decoder": "pipeline.stages:DecoderStage",
+    "super_res": "pipeline.stages:SuperResStage",
+    "clip_score": "pipeline.scoring:ClipScoreStage",
+}
+
+
+def stage_class(name: str) -> type:
+    module, cls = STAGE_CLASSES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 class StageActor:
@@ -30,7 +41,7 @@ class StageActor:
     stage_name: str
 
     def __init__(self, kwargs: dict, crash_ledger: ActorHandle):
-        self.stage = STAGES[self.stage_name](**kwargs)
+        self.stage = stage_class(self.stage_name)(**kwargs)
         self.columns = sorted(set(self.stage.inputs) | {C.ERROR, C.ERROR_STAGE})
         self.crash_ledger = crash_ledger
 
@@ -60,7 +71,7 @@ def to_arrow(values: np.ndarray) -> pa.Array:
 # One subclass per stage so that Ray's progress and stats name the operators (MapBatches(PriorActor), ...).
 ACTOR_CLASSES = {
     name: type(f"{''.join(w.title() for w in name.split('_'))}Actor", (StageActor,), {"stage_name": name})
-    for name in STAGES
+    for name in STAGE_CLASSES
 }
 
 
@@ -77,6 +88,8 @@ def add_stage(ds: Dataset, name: str, stage: StageConfig, cfg: RunConfig, model:
     if name in STAGE_NAMES:  # the sampling stages
         kwargs["steps"] = cfg.steps(name)
     elif name == "clip_score":
+        from .scoring import reference_column
+
         kwargs["reference"] = reference_column(cfg)
     return ds.map_batches(
         ACTOR_CLASSES[name],

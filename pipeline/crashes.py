@@ -75,7 +75,9 @@ def guarded(
     died = ray.get(ledger.begin.remote(stage, keys))
     if not any(died):
         out = fn(table)
-        ray.get(ledger.finish.remote(stage, keys))
+        # Not awaited: calls from one process reach the actor in order, and a finish lost with a dying process
+        # only makes a retry of this batch run row by row.
+        ledger.finish.remote(stage, keys)
         return out
     ray.get(ledger.withdraw.remote(stage, keys))
     pieces = []

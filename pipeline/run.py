@@ -1,6 +1,7 @@
 """Build the Ray Data pipeline from a RunConfig, execute it and account for every input row.
 
-read -> prepare (validate, key, seed; drop rows already committed) -> prior -> decoder -> super-res -> write
+read -> prepare (validate, key, seed; drop rows already committed) -> prior -> decoder -> super-res -> encode
+-> write
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from karlo_model import make_tiny_model
@@ -27,11 +27,12 @@ from . import columns as C
 from . import crashes
 from .actors import add_stage
 from .config import ConfigError, RunConfig
+from .encode import ENCODE_CPUS, add_encode
 from .manifest import MANIFEST, SUCCESS, differences, identity_of_run, model_identity, now, package_versions
 from .progress import report_progress
 from .reader import InputPlan, display_url, plan_inputs, read_column, read_prompts
 from .redact import storage_error
-from .schema import find_duplicates, prepare_batch
+from .schema import find_duplicates, prepare_and_skip
 from .scoring import check_tower, clip_model_for, reference_column
 from .variations import check_model_kind, image_column_check, prepare_images
 from .sinks import (
@@ -56,6 +57,7 @@ from .sinks import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "tiny-random-v1"
+WRITE_CPUS = 0.25  # per write task: it assembles encoded files and uploads them
 RUN_FOLDERS = (IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR, METADATA_DIR, ERRORS_DIR, CLIP_EMB_DIR, REJECTED_DIR, COMMITS_DIR)
 
 
@@ -117,8 +119,13 @@ def init_ray() -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+        return
+    cpus = os.cpu_count() or 1
+    # Ray keeps about one idle worker process per CPU and kills the rest within a second. Beside the stage and
+    # encoder actors, that killed the read and write tasks' workers between tasks on a small machine, and every
+    # task then paid a new process (~2 s of CPU importing Ray and pyarrow). Idle workers cost memory only.
+    os.environ.setdefault("RAY_num_workers_soft_limit", str(max(16, 2 * cpus)))
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
 
 
 def check_resources(cfg: RunConfig) -> None:
@@ -132,23 +139,12 @@ def check_resources(cfg: RunConfig) -> None:
                 f"stage {name} asks for {s.num_gpus} GPU per actor but the Ray cluster has {gpus:g} GPUs; "
                 "use --device cpu or run on a cluster with GPUs"
             )
-    reserved = sum(s.min_actors * s.num_cpus for s in cfg.stages.values())
+    reserved = sum(s.min_actors * s.num_cpus for s in cfg.stages.values()) + ENCODE_CPUS  # + one encoder
     if reserved + 0.5 > cpus:
         raise ConfigError(
-            f"the stages reserve {reserved:g} of the cluster's {cpus:g} CPUs at start; leave at least 0.5 CPU for "
-            "reading and writing (lower num_cpus or the minimum number of actors)"
+            f"the stages and the image encoder reserve {reserved:g} of the cluster's {cpus:g} CPUs at start; leave at "
+            "least 0.5 CPU for reading and writing (lower num_cpus or the minimum number of actors)"
         )
-
-
-def prepare_and_skip(
-    table: pa.Table, *, done: pa.Array, prepare: Callable[..., pa.Table] = prepare_batch, **settings: Any
-) -> pa.Table:
-    """The prepare step (of prompts, or of images for variations), then drop rows whose key is already committed
-    in OUTPUT (resume)."""
-    table = prepare(table, **settings)
-    if len(done):
-        table = table.filter(pc.invert(pc.is_in(table.column(C.KEY), value_set=done)))
-    return table
 
 
 def _open_output(cfg: RunConfig, identity: dict[str, Any]) -> tuple[Any, str, dict[str, Any] | None]:
@@ -258,16 +254,17 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
             ds = add_stage(ds, name, cfg.stages[name], cfg, clip_model if name == "clip_score" else model)
         if variations:  # the decoder's guidance switch (always 1: no prior) is not a setting of the outputs
             ds = ds.drop_columns([C.PRIOR_GUIDANCE_SCALE], num_cpus=0.25)
-        # Encoding images is single-threaded CPU work: half a CPU per write task lets two writers run beside the
-        # CPU stage pools on a 2-CPU machine, and at most one writer per CPU keeps them from thrashing.
+        # A write task assembles the encoded files of a shard and uploads them: light CPU work, mostly waiting on
+        # storage. At most one per CPU, and as many encoders.
         writers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        ds = add_encode(ds, cfg.image_format, max_actors=writers)
         # Rows past the last model stage, for the progress line (the ledger outlives a run in the same driver).
         last_stage, ledger = list(cfg.stages)[-1], crashes.ledger(cfg.output_url)
         before = ray.get(ledger.finished_rows.remote(last_stage))
         with report_progress(cfg.output_url, cfg.storage_options, total=plan.total_rows,
                              interval=progress_interval, write=echo,
                              generated=lambda: ray.get(ledger.finished_rows.remote(last_stage), timeout=30) - before):
-            ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.5}, concurrency=writers)
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS}, concurrency=writers)
     this_run = sink.result or SinkResult(0, 0, 0, 0)
 
     markers = committed_shards(cfg.output_url, cfg.storage_options)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from typing import Collection, Iterable, Mapping
+from typing import Any, Callable, Collection, Iterable, Mapping
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import columns as C
 
@@ -201,3 +202,14 @@ def _show(value: object) -> str:
     """The offending value for an error message, cut so that one bad cell cannot flood the errors table."""
     text = repr(value)
     return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
+def prepare_and_skip(
+    table: pa.Table, *, done: pa.Array, prepare: Callable[..., pa.Table] = prepare_batch, **settings: Any
+) -> pa.Table:
+    """The prepare step (of prompts, or of images for variations), then drop rows whose key is already committed
+    in OUTPUT (resume)."""
+    table = prepare(table, **settings)
+    if len(done):
+        table = table.filter(pc.invert(pc.is_in(table.column(C.KEY), value_set=done)))
+    return table

@@ -88,12 +88,15 @@ class Stage:
         error = np.asarray(batch[C.ERROR], dtype=object).copy()
         error_stage = np.asarray(batch[C.ERROR_STAGE], dtype=object).copy()
         n = len(error)
-        out = self.empty(n)
+        out = self.empty(n)  # np.zeros: pages never written cost nothing
         good = np.flatnonzero(error == "")
         for rows, result in self._run_rows(batch, good):
             if isinstance(result, Exception):
                 error[rows] = redact(f"{type(result).__name__}: {result}", self.secrets)[:1000]
                 error_stage[rows] = self.name
+            elif len(rows) == n:  # the whole batch at once: take the outputs as they are, no copy
+                for name, values in result.items():
+                    out[name] = _like(values, out[name])
             else:
                 for name, values in result.items():
                     out[name][rows] = values
@@ -122,7 +125,16 @@ class Stage:
             yield from self._run_rows(batch, np.array([row]))
 
 
+def _like(values: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """``values`` in the dtype and shape of ``template`` (a copy only if the dtype differs)."""
+    values = np.asarray(values, dtype=template.dtype)
+    if values.shape != template.shape:
+        raise ValueError(f"stage output of shape {values.shape}, expected {template.shape}")
+    return values
+
+
 def _take(batch: Batch, names: Sequence[str], rows: np.ndarray) -> Batch:
+    # A copy even of every row: Arrow hands read-only arrays, which torch must not alias.
     return {name: np.asarray(batch[name])[rows] for name in names}
 
 
@@ -233,8 +245,11 @@ class SuperResStage(Stage):
     def synthetic(self, batch: Batch) -> Batch:
         """Uniform noise images, like a random-weight model's, so image encoding costs what it really costs."""
         size = self.config.image_size
-        images = [np.random.default_rng(int(s)).integers(0, 256, (size, size, 3), np.uint8) for s in batch[C.SEED]]
-        return {C.IMAGE: np.stack(images)}
+        seeds = batch[C.SEED]
+        images = np.empty((len(seeds), size, size, 3), np.uint8)
+        for i, seed in enumerate(seeds):
+            images[i] = np.random.default_rng(int(seed)).integers(0, 256, (size, size, 3), np.uint8)
+        return {C.IMAGE: images}
 
 
 STAGE_CLASSES: dict[str, Callable[..., Stage]] = {

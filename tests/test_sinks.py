@@ -17,6 +17,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from pipeline import columns as C
 from pipeline import shards, sinks
+from pipeline.encode import encode_images
 from pipeline.sinks import KarloDatasink, committed_keys, committed_shards, remove_uncommitted
 
 DIM = 8
@@ -233,6 +234,51 @@ def test_tar_members_are_adjacent_sorted_with_fixed_owner_and_mtime(tmp_path):
         members = tar.getmembers()
     assert [m.name for m in members] == [f"k0000{i}.{ext}" for i in range(3) for ext in ("jpg", "json", "txt")]
     assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {(0, 0, 0, "", "", 0o644)}
+
+
+@pytest.mark.parametrize("output_format,image_format", [("webdataset", "png"), ("parquet", "webp")])
+def test_blocks_from_the_encode_step_write_the_same_files(tmp_path, output_format, image_format):
+    """The pipeline encodes images before the write (pipeline.encode); the shards are byte for byte those of
+    the sink encoding the arrays itself, error rows included."""
+    blocks = [make_block(0, 6, errors=(1, 4)), make_block(6, 5, seed=1)]
+    encoded = [encode_images(block, image_format=image_format) for block in blocks]
+    assert encoded[0].schema.field(C.IMAGE).type == pa.large_binary()
+    assert encoded[0].column(C.IMAGE)[1].as_py() == b""  # error rows are not encoded
+    settings = dict(output_format=output_format, image_format=image_format, rows_per_shard=4, settings=SETTINGS)
+    write(KarloDatasink(str(tmp_path / "arrays"), **settings), blocks)
+    write(KarloDatasink(str(tmp_path / "encoded"), **settings), encoded)
+    files = {p.relative_to(tmp_path / "arrays"): p.read_bytes() for p in (tmp_path / "arrays").rglob("*.*")}
+    assert len(files) > 10
+    assert files == {p.relative_to(tmp_path / "encoded"): p.read_bytes() for p in (tmp_path / "encoded").rglob("*.*")}
+
+
+@pytest.mark.parametrize("n", [1, 7, 20])
+def test_webdataset_bytes_are_those_of_tarfile_stream_mode(n):
+    """The direct tar writer gives the bytes tarfile's own stream mode writes for the same members, including
+    pax headers for names over 100 bytes and non-ASCII prompts."""
+    block = make_block(0, n)
+    long_keys = [("k" * 120 if i == 0 else f"k{i:05d}") for i in range(n)]
+    block = block.set_column(block.schema.get_field_index(C.KEY), C.KEY, pa.array(long_keys))
+    block = block.set_column(block.schema.get_field_index(C.PROMPT), C.PROMPT,
+                             pa.array([f"un chat très mignon {i} 🐈" for i in range(n)]))
+    rows = shards.rows_from_block(block)
+    metadata = shards.metadata_table(rows, SETTINGS)
+    ours = io.BytesIO()
+    shards.write_webdataset(ours, metadata, rows.tensor(C.IMAGE), "png")
+
+    expected = io.BytesIO()
+    with tarfile.open(fileobj=expected, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for row, image in zip(metadata.to_pylist(), rows.tensor(C.IMAGE)):
+            members = {
+                f"{row[C.KEY]}.png": shards.encode_image(image, "png"),
+                f"{row[C.KEY]}.json": json.dumps(row, ensure_ascii=False, default=shards._json_value).encode(),
+                f"{row[C.KEY]}.txt": row[C.PROMPT].encode(),
+            }
+            for name in sorted(members):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(members[name]), 0, 0o644
+                tar.addfile(info, io.BytesIO(members[name]))
+    assert ours.getvalue() == expected.getvalue()
 
 
 def test_rewriting_the_same_rows_gives_the_same_names_and_bytes(output):

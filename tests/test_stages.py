@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -202,3 +205,12 @@ def test_long_error_messages_are_cut(stages, monkeypatch):
     out = run_stage(prior, prepared(PROMPTS[:2], [1, 2]))
     assert list(out[C.ERROR_STAGE]) == ["prior", "prior"]
     assert all(e.startswith("ValueError: xxx") and len(e) == 1000 for e in out[C.ERROR])
+
+
+def test_actor_modules_leave_transformers_and_optional_stages_unimported():
+    """A decoder or super-res actor, an encoder actor and a write task start without importing transformers or
+    the optional stages' modules: each costs seconds of CPU per process at start-up."""
+    code = ("import sys, pipeline.actors, pipeline.stages, pipeline.encode, pipeline.sinks, pipeline.schema; "
+            "print(sorted(m for m in ('transformers', 'pipeline.scoring', 'pipeline.variations') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
