@@ -367,7 +367,7 @@ def bench_pipeline(
         # Synthetic stages cost almost nothing: one CPU actor each, so the cores go to encoding and writing rather
         # than to starting more actor processes; blocks of a few hundred rows keep Ray Data's per-block work (the
         # driver's scheduling, object transfers, the ledger) small next to the encoding.
-        data_stage = StageConfig(batch_size=DATA_PLANE_BATCH, num_cpus=0.25)
+        data_stage = StageConfig(batch_size=DATA_PLANE_BATCH)
         plane_started = time.time()
         plane = run(RunConfig(input_url=str(data_table), output_url=f"{tmp}/plane", skip_networks=True,
                               rows_per_shard=500, stages=dict.fromkeys(STAGES, data_stage),

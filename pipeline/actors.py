@@ -46,6 +46,8 @@ class StageActor:
         self.crash_ledger = crash_ledger
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        if table.num_rows == 0:
+            return table  # possibly without columns (see pipeline.shards.iter_shards)
         return crashes.guarded(self._map, table, self.stage_name, self.crash_ledger)
 
     def _map(self, table: pa.Table) -> pa.Table:

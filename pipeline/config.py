@@ -35,6 +35,9 @@ GPU_SHARES = {"prior": 0.08, "image_encoder": 0.08, "decoder": 0.3, "super_res":
 GPU_BATCH = {"prior": 64, "image_encoder": 64, "decoder": 32, "super_res": 8, "clip_score": 64}
 
 
+CPU_SHARE = 0.2  # Ray CPUs per CPU stage actor (one torch thread each)
+
+
 class ConfigError(ValueError):
     """A run or stage setting that cannot be used; the message names it."""
 
@@ -44,7 +47,7 @@ class StageConfig:
     batch_size: int
     min_actors: int = 1
     max_actors: int = 1
-    num_cpus: float = 0.25
+    num_cpus: float = CPU_SHARE
     num_gpus: float = 0.0
     device: str = "cpu"
     dtype: str = "float32"
@@ -70,11 +73,15 @@ def default_stage(name: str, device: str, dtype: str) -> StageConfig:
     if device == "cuda":
         return StageConfig(batch_size=GPU_BATCH[name], num_cpus=1, num_gpus=GPU_SHARES[name], device=device,
                            dtype=dtype)
-    # CPU: a quarter CPU and one torch thread per actor, so three pools, the read tasks and the writer fit on a
-    # 2-CPU machine without reserving every CPU (Ray Data then stalls, reference ray.md §6); each pool may grow to
-    # one actor per core, so whichever stage is the bottleneck gets the cores.
-    return StageConfig(batch_size=4, num_cpus=0.25, max_actors=max(1, os.cpu_count() or 1), device=device,
-                       dtype=dtype)
+    # CPU: a fifth of a CPU and one torch thread per actor, so that the pools (CLIP scoring's included), the image
+    # encoder, the read tasks and the writer fit on a 2-CPU machine without reserving every CPU (Ray Data then
+    # stalls, reference ray.md §6). The decoder and super-res pools hold one actor per core from the start, so that
+    # whichever stage has work gets every core: autoscaled, a pool idle while the other stage worked shrank, then
+    # ran the final batches on one core. The other stages' share of the work is small; their pools grow only if
+    # they fall behind.
+    cores = max(1, os.cpu_count() or 1)
+    return StageConfig(batch_size=4, min_actors=cores if name in ("decoder", "super_res") else 1, max_actors=cores,
+                       device=device, dtype=dtype)
 
 
 def parse_stage_configs(

@@ -27,6 +27,8 @@ def encode_images(table: pa.Table, *, image_format: str) -> pa.Table:
 
     Error rows carry zero-filled images that are never written; they get empty bytes.
     """
+    if table.num_rows == 0:
+        return table  # possibly without columns (see pipeline.shards.iter_shards)
     images = BlockAccessor.for_block(table.select([C.IMAGE])).to_numpy(C.IMAGE)  # (N, H, W, 3) uint8
     failed = error_mask(table)
     encoded = [b"" if bad else encode_image(np.asarray(image), image_format) for image, bad in zip(images, failed)]

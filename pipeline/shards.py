@@ -124,6 +124,10 @@ class ShardRows:
             {name: array[mask] for name, array in self.tensors.items()},
         )
 
+    def take(self, indices: np.ndarray) -> ShardRows:
+        return ShardRows(self.table.take(pa.array(indices)),
+                         {name: array[indices] for name, array in self.tensors.items()})
+
     def tensor(self, name: str) -> np.ndarray:
         if name not in self.tensors:
             raise KeyError(f"good rows need the {name!r} column; the block has {sorted(self.tensors)}")
@@ -186,6 +190,8 @@ def iter_shards(blocks: Iterable[Any], rows_per_shard: int) -> Iterator[ShardRow
     pending: list[ShardRows] = []
     pending_rows = 0
     for block in blocks:
+        if BlockAccessor.for_block(block).num_rows() == 0:
+            continue  # an empty block may have no columns at all (Ray Data makes them where a map emits no rows)
         rows = rows_from_block(block)
         start = 0
         while start < rows.num_rows:

@@ -26,6 +26,7 @@ import uuid
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 from fsspec.implementations.local import LocalFileSystem
@@ -245,7 +246,11 @@ class KarloDatasink(Datasink[list[dict[str, Any]]]):
 
     def write_shard(self, fs: fsspec.AbstractFileSystem, root: str, rows: ShardRows) -> dict[str, Any]:
         """Write one shard's files, then its marker; returns the marker."""
-        shard = shard_id(check_keys(rows.table))
+        keys = check_keys(rows.table)
+        shard = shard_id(keys)
+        # Rows in key order: which rows reach a shard together decides its id, their arrival order must not change
+        # its bytes (a resumed or retried shard rewrites the same bytes).
+        rows = rows.take(np.argsort(np.array(keys, dtype=object), kind="stable"))
         failed = error_mask(rows.table)
         good, bad = rows.filter(~failed), rows.filter(failed)
         good, rejected = split_rejected(good, self.min_clip_score)

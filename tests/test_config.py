@@ -18,6 +18,7 @@ from pipeline.config import (
     load_stage_config_file,
     parse_stage_configs,
 )
+from pipeline.encode import ENCODE_CPUS
 
 
 def load(text: str, device: str = "cpu", dtype: str = "float32") -> dict[str, StageConfig]:
@@ -36,12 +37,20 @@ def load_error(text: str, device: str = "cpu", dtype: str = "float32") -> str:
 def test_cpu_defaults_fit_two_cpus():
     stages = parse_stage_configs(None, "cpu", "float32")
     assert list(stages) == list(STAGE_NAMES)
-    for s in stages.values():
-        assert s == StageConfig(batch_size=4, min_actors=1, max_actors=os.cpu_count(), num_cpus=0.25, num_gpus=0.0,
-                                device="cpu", dtype="float32")
+    cores = os.cpu_count()
+    for name, s in stages.items():
+        assert s == StageConfig(batch_size=4, min_actors=cores if name in ("decoder", "super_res") else 1,
+                                max_actors=cores, num_cpus=0.2, num_gpus=0.0, device="cpu", dtype="float32")
         assert s.torch_threads == 1
-    # Three pools, the read tasks and the writer on a 2-CPU machine.
-    assert sum(s.num_cpus * s.min_actors for s in stages.values()) + 0.5 <= 2
+
+
+@pytest.mark.parametrize("names", [STAGE_NAMES + ("clip_score",), ("image_encoder", "decoder", "super_res", "clip_score")])
+def test_cpu_defaults_leave_half_a_cpu_on_two_cpus(monkeypatch, names):
+    """Every pool at its minimum, CLIP scoring's included, plus one image encoder, leave the 0.5 CPU the read and
+    write tasks need on a 2-CPU machine (pipeline.run.check_resources)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    stages = parse_stage_configs(None, "cpu", "float32", names)
+    assert sum(s.num_cpus * s.min_actors for s in stages.values()) + ENCODE_CPUS + 0.5 <= 2
 
 
 def test_cuda_defaults_share_one_gpu_by_compute():

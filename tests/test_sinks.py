@@ -252,6 +252,30 @@ def test_blocks_from_the_encode_step_write_the_same_files(tmp_path, output_forma
     assert files == {p.relative_to(tmp_path / "encoded"): p.read_bytes() for p in (tmp_path / "encoded").rglob("*.*")}
 
 
+@pytest.mark.parametrize("output_format", ["webdataset", "parquet"])
+def test_shard_bytes_do_not_depend_on_how_rows_were_batched_or_ordered(tmp_path, output_format):
+    """Ray Data does not keep row order between stages: the same rows give the same shard, whatever their batches
+    and their order of arrival."""
+    block = make_block(0, 5, errors=(3,))
+    whole, pieces = tmp_path / "whole", tmp_path / "pieces"
+    write(KarloDatasink(str(whole), output_format=output_format), [block])
+    write(KarloDatasink(str(pieces), output_format=output_format), [block.slice(4, 1), block.slice(1, 3),
+                                                                    block.slice(0, 1)])
+    files = {p.relative_to(whole): p.read_bytes() for p in whole.rglob("*.*")}
+    assert len(files) == 6
+    assert files == {p.relative_to(pieces): p.read_bytes() for p in pieces.rglob("*.*")}
+
+
+def test_empty_blocks_without_columns_are_skipped(tmp_path):
+    """Ray Data hands on empty blocks, some without any column, where a map emitted no rows (e.g. a resumed run's
+    prepare step dropped every row of a read task); the encoder and the sink pass over them."""
+    empty = pa.table({})
+    assert encode_images(empty, image_format="png") is empty
+    blocks = [empty, make_block(0, 2), make_block(2, 3).slice(0, 0), empty]
+    (marker,) = write(KarloDatasink(str(tmp_path), rows_per_shard=10), blocks)
+    assert (marker["rows"], marker["errors"]) == (2, 0)
+
+
 @pytest.mark.parametrize("n", [1, 7, 20])
 def test_webdataset_bytes_are_those_of_tarfile_stream_mode(n):
     """The direct tar writer gives the bytes tarfile's own stream mode writes for the same members, including
