@@ -77,8 +77,11 @@ ACTOR_CLASSES = {
 }
 
 
-def add_stage(ds: Dataset, name: str, stage: StageConfig, cfg: RunConfig, model: str) -> Dataset:
-    """Append stage ``name`` as an actor pool; ``model`` is the Karlo repo, or the CLIP tower of the score stage."""
+def add_stage(
+    ds: Dataset, name: str, stage: StageConfig, cfg: RunConfig, model: str, ledger: ActorHandle
+) -> Dataset:
+    """Append stage ``name`` as an actor pool; ``model`` is the Karlo repo, or the CLIP tower of the score stage;
+    ``ledger`` the run's crash ledger (pipeline.crashes)."""
     kwargs: dict = dict(
         model=model,
         device=stage.device,
@@ -95,7 +98,7 @@ def add_stage(ds: Dataset, name: str, stage: StageConfig, cfg: RunConfig, model:
         kwargs["reference"] = reference_column(cfg)
     return ds.map_batches(
         ACTOR_CLASSES[name],
-        fn_constructor_args=(kwargs, crashes.ledger(cfg.output_url)),
+        fn_constructor_args=(kwargs, ledger),
         batch_size=stage.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=stage.min_actors, max_size=stage.max_actors),

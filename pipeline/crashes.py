@@ -16,7 +16,7 @@ A transient crash therefore costs one restart and a row-by-row pass over one bat
 
 from __future__ import annotations
 
-import hashlib
+import logging
 from collections import Counter
 from typing import Callable
 
@@ -26,6 +26,9 @@ import ray
 from . import columns as C
 
 MAX_DEATHS = 3
+LEDGER_TIMEOUT_S = 120
+
+logger = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=0)
@@ -60,11 +63,11 @@ class CrashLedger:
         return self.finished[stage]
 
 
-def ledger(output_url: str) -> ray.actor.ActorHandle:
-    """The run's ledger, created on first use. Call it on the driver, which then owns it: the ledger lives as
-    long as the run, whichever actors die. Named per output, so concurrent runs on one cluster stay apart."""
-    name = "karlo-crash-ledger-" + hashlib.sha256(output_url.encode()).hexdigest()[:16]
-    return CrashLedger.options(name=name, get_if_exists=True).remote()
+def new_ledger() -> ray.actor.ActorHandle:
+    """A ledger for one run. Create it on the driver, which then owns it: it lives as long as the run, whichever
+    actors die, and goes when the run drops its handle. Each run gets its own, so runs in one driver or on one
+    cluster never share counts."""
+    return CrashLedger.remote()
 
 
 def guarded(
@@ -72,7 +75,14 @@ def guarded(
 ) -> pa.Table:
     """``fn(table)`` for a stage's batch, isolating and finally rejecting rows that keep killing the process."""
     keys = table.column(C.KEY).to_pylist()
-    died = ray.get(ledger.begin.remote(stage, keys))
+    try:
+        died = ray.get(ledger.begin.remote(stage, keys), timeout=LEDGER_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        # The ledger is a safety net against rows that kill their worker every time; a ledger that cannot be
+        # reached must not stall the run, so the batch runs unguarded.
+        logger.warning("%s: the crash ledger did not answer in %d s; running a batch without it", stage,
+                       LEDGER_TIMEOUT_S)
+        return fn(table)
     if not any(died):
         out = fn(table)
         # Not awaited: calls from one process reach the actor in order, and a finish lost with a dying process

@@ -250,20 +250,20 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
                    if variations else dict(prior_guidance_scale=float(cfg.prior_guidance_scale))),
             ),
         )
+        ledger = crashes.new_ledger()
         for name in cfg.stages:
-            ds = add_stage(ds, name, cfg.stages[name], cfg, clip_model if name == "clip_score" else model)
+            ds = add_stage(ds, name, cfg.stages[name], cfg, clip_model if name == "clip_score" else model, ledger)
         if variations:  # the decoder's guidance switch (always 1: no prior) is not a setting of the outputs
             ds = ds.drop_columns([C.PRIOR_GUIDANCE_SCALE], num_cpus=0.25)
         # A write task assembles the encoded files of a shard and uploads them: light CPU work, mostly waiting on
         # storage. At most one per CPU, and as many encoders.
         writers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         ds = add_encode(ds, cfg.image_format, max_actors=writers)
-        # Rows past the last model stage, for the progress line (the ledger outlives a run in the same driver).
-        last_stage, ledger = list(cfg.stages)[-1], crashes.ledger(cfg.output_url)
-        before = ray.get(ledger.finished_rows.remote(last_stage))
+        # Rows past the last model stage, for the progress line.
+        last_stage = list(cfg.stages)[-1]
         with report_progress(cfg.output_url, cfg.storage_options, total=plan.total_rows,
                              interval=progress_interval, write=echo,
-                             generated=lambda: ray.get(ledger.finished_rows.remote(last_stage), timeout=30) - before):
+                             generated=lambda: ray.get(ledger.finished_rows.remote(last_stage), timeout=30)):
             ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS}, concurrency=writers)
     this_run = sink.result or SinkResult(0, 0, 0, 0)
 

@@ -213,7 +213,7 @@ def test_s3_driver_killed_behind_failing_storage_then_rerun_finishes(tmp_path, a
 def test_crash_ledger_isolates_then_rejects_a_row_that_keeps_killing_its_worker(ray_local, tmp_path):
     import ray
 
-    ledger = crashes.ledger(str(tmp_path / "out"))
+    ledger = crashes.new_ledger()
     calls = []
 
     def stage(table: pa.Table) -> pa.Table:  # passes rows through, as a stage passes error rows
@@ -275,3 +275,21 @@ def test_a_manifest_left_half_written_is_removed(tmp_path):
     (tmp_path / "notes.txt").write_text("not ours")
     assert remove_uncommitted(str(tmp_path)) == [".tmp-manifest.json-0123456789ab"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "notes.txt"]
+
+
+def test_a_batch_runs_unguarded_when_the_crash_ledger_does_not_answer(ray_local, monkeypatch):
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Silent:
+        def begin(self, stage, keys):
+            import time
+
+            time.sleep(30)
+
+    monkeypatch.setattr(crashes, "LEDGER_TIMEOUT_S", 1)
+    table = pa.table({C.KEY: ["a", "b"], C.ERROR: ["", ""], C.ERROR_STAGE: ["", ""]})
+    silent = Silent.remote()
+    assert crashes.guarded(lambda t: t.append_column("x", pa.array([1, 2])), table, "decoder", silent).column(
+        "x").to_pylist() == [1, 2]
+    ray.kill(silent)
