@@ -413,13 +413,7 @@ class Karlo:
         guidance = Guidance.of(1.0, decoder_guidance_scale, len(images))
         text = self.encode_text([""] * len(images))
         image_embeds = self.encode_images(images)
-        image_64 = self.run_decoder(image_embeds, text, text, gens, guidance, steps=decoder_steps)
-        result = to_uint8(self.run_super_res(image_64, gens, steps=super_res_steps))
-        return KarloOutput(
-            images=result.cpu().numpy(),
-            image_embeds=image_embeds.float().cpu().numpy(),
-            text_embeds=text.embeds.float().cpu().numpy(),
-        )
+        return self._decode(image_embeds, text, text, gens, guidance, decoder_steps, super_res_steps)
 
     def decoder_stage(
         self,
@@ -488,6 +482,13 @@ class Karlo:
         text, negative, image_embeds = self.run_prior(
             prompts, gens, guidance, steps=prior_steps, negative_prompts=negative_prompts
         )
+        return self._decode(image_embeds, text, negative, gens, guidance, decoder_steps, super_res_steps)
+
+    def _decode(
+        self, image_embeds: torch.Tensor, text: TextEncoding, negative: TextEncoding, gens: list[torch.Generator],
+        guidance: Guidance, decoder_steps: int, super_res_steps: int,
+    ) -> KarloOutput:
+        """Decoder and super-resolution from CLIP image embeddings: the common end of generate and variations."""
         image_64 = self.run_decoder(image_embeds, text, negative, gens, guidance, steps=decoder_steps)
         images = to_uint8(self.run_super_res(image_64, gens, steps=super_res_steps))
         return KarloOutput(

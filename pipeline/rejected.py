@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import columns as C
-from pipeline.shards import HF_IMAGE_TYPE, IMAGE_EXTENSIONS, ShardRows, image_files, metadata_table
+from pipeline.shards import ShardRows, hf_images, metadata_table
 
 
 def split_rejected(good: ShardRows, min_clip_score: float | None) -> tuple[ShardRows, ShardRows]:
@@ -29,11 +29,8 @@ def rejected_table(rows: ShardRows, settings: dict, image_format: str) -> pa.Tab
     """The metadata of ``rows`` (key, prompt, seed, clip_score, settings, pass-through), then the image and
     every embedding, one row each."""
     table = metadata_table(rows, settings)
-    ext = IMAGE_EXTENSIONS[image_format]
-    keys = table.column(C.KEY).to_pylist()
-    encoded = [{"bytes": data, "path": f"{key}.{ext}"}
-               for key, data in zip(keys, image_files(rows.tensor(C.IMAGE), image_format), strict=True)]
-    table = table.append_column(C.IMAGE, pa.array(encoded, HF_IMAGE_TYPE))
+    table = table.append_column(C.IMAGE, hf_images(table.column(C.KEY).to_pylist(), rows.tensor(C.IMAGE),
+                                                   image_format))
     for name in (C.IMAGE_EMB, C.TEXT_EMB, C.CLIP_IMAGE_EMB):
         values = rows.tensor(name).astype(np.float32)  # (N, D)
         table = table.append_column(name, pa.FixedSizeListArray.from_arrays(values.reshape(-1), values.shape[1]))

@@ -318,15 +318,19 @@ def _json_value(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to per-sample JSON")
 
 
+def hf_images(keys: list[str], images: np.ndarray, image_format: str) -> pa.Array:
+    """Hugging Face ``Image`` structs ``{bytes, path: <key>.<ext>}``, one per row."""
+    ext = IMAGE_EXTENSIONS[image_format]
+    files = image_files(images, image_format)
+    return pa.array([{"bytes": data, "path": f"{key}.{ext}"} for key, data in zip(keys, files, strict=True)],
+                    HF_IMAGE_TYPE)
+
+
 def write_image_parquet(f: BinaryIO, metadata: pa.Table, images: np.ndarray, image_format: str) -> None:
     """Images as a Hugging Face ``Image`` column next to key, prompt and seed."""
-    ext = IMAGE_EXTENSIONS[image_format]
-    keys = metadata.column(C.KEY).to_pylist()
-    encoded = [{"bytes": data, "path": f"{key}.{ext}"}
-               for key, data in zip(keys, image_files(images, image_format), strict=True)]
     table = pa.Table.from_arrays(
         [
-            pa.array(encoded, HF_IMAGE_TYPE),
+            hf_images(metadata.column(C.KEY).to_pylist(), images, image_format),
             metadata.column(C.KEY),
             metadata.column(C.PROMPT),
             metadata.column(C.SEED),

@@ -10,7 +10,7 @@ exception: one bad row never takes its batch, its actor or the run down.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -250,10 +250,3 @@ class SuperResStage(Stage):
         for i, seed in enumerate(seeds):
             images[i] = np.random.default_rng(int(seed)).integers(0, 256, (size, size, 3), np.uint8)
         return {C.IMAGE: images}
-
-
-STAGE_CLASSES: dict[str, Callable[..., Stage]] = {
-    "prior": PriorStage,
-    "decoder": DecoderStage,
-    "super_res": SuperResStage,
-}
