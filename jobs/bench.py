@@ -230,13 +230,19 @@ def _stage_calls(model: Karlo, n: int, steps: tuple[int, int, int]) -> dict[str,
     }
 
 
+def _calls_at(model: Karlo, batch_sizes: dict[str, int], steps: tuple[int, int, int]
+              ) -> dict[str, tuple[Callable[[], Any], int]]:
+    """(call, rows) per stage at its batch size; the inputs of each batch size are made once."""
+    made = {n: _stage_calls(model, n, steps) for n in set(batch_sizes.values())}
+    return {name: (made[batch_sizes[name]][name], batch_sizes[name]) for name in STAGES}
+
+
 def stage_rates(
     model: Karlo, batch_sizes: dict[str, int], steps: tuple[int, int, int], repeats: int
 ) -> dict[str, float]:
-    """Each stage's standalone images/s at its batch size."""
+    """Each stage's standalone images/s at its batch size, in this process."""
     rates = {}
-    for name in STAGES:
-        call, n = _stage_calls(model, batch_sizes[name], steps)[name], batch_sizes[name]
+    for name, (call, n) in _calls_at(model, batch_sizes, steps).items():
 
         def timed(call=call, n=n) -> int:
             call()
@@ -245,6 +251,59 @@ def stage_rates(
 
         rates[name] = _rate(timed, repeats)
     return rates
+
+
+def _pool_worker(model_dir: str, dtype: torch.dtype, batch_sizes: dict[str, int], steps: tuple[int, int, int],
+                 repeats: int, threads: int, barrier: Any) -> dict[str, tuple[float, float, int]]:
+    """One CPU actor's share of ``pool_stage_rates``: per stage (start, end, images) on the monotonic clock, which
+    all processes of the machine share."""
+    torch.set_num_threads(threads)
+    model = Karlo.from_pretrained(model_dir, dtype=dtype)
+    out = {}
+    for name, (call, n) in _calls_at(model, batch_sizes, steps).items():
+        call()  # warm-up
+        barrier.wait()  # every worker runs this stage at the same time
+        start, done = time.monotonic(), 0
+        while done < repeats * n or time.monotonic() - start < 1.0:
+            call()
+            done += n
+        out[name] = (start, time.monotonic(), done)
+    return out
+
+
+def pool_stage_rates(model_dir: str, dtype: torch.dtype, batch_sizes: dict[str, int], steps: tuple[int, int, int],
+                     repeats: int, *, workers: int, threads: int) -> dict[str, float]:
+    """Each stage's standalone images/s as a pool of ``workers`` CPU actors (``threads`` torch threads each) runs
+    it: all of them at once, in their own processes, like the pipeline's pool on these cores.
+
+    Several processes sharing a CPU's caches and memory bandwidth run a network slower than one process alone
+    (on the 2-core development machine: two super-res processes at once each run about 18% slower than one), so
+    one actor's rate times the number of cores would set a bound no pool reaches.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # torch's thread pools do not survive fork
+    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        barrier = manager.Barrier(workers)
+        jobs = [pool.submit(_pool_worker, model_dir, dtype, batch_sizes, steps, repeats, threads, barrier)
+                for _ in range(workers)]
+        spans = [job.result() for job in jobs]
+    return {name: sum(s[name][2] for s in spans) / (max(s[name][1] for s in spans) - min(s[name][0] for s in spans))
+            for name in STAGES}
+
+
+def generate_rate(model: Karlo, batch_size: int, steps: tuple[int, int, int], repeats: int) -> float:
+    """images/s of an in-process ``Karlo.generate`` loop at ``batch_size`` (torch's default threads)."""
+    prompts, seeds = _prompts(batch_size), list(range(batch_size))
+    prior_steps, decoder_steps, sr_steps = steps
+
+    def timed() -> int:
+        model.generate(prompts, seeds, prior_steps=prior_steps, decoder_steps=decoder_steps,
+                       super_res_steps=sr_steps)
+        _sync(model.device)
+        return batch_size
+
+    return _rate(timed, repeats)
 
 
 def bench_stages(
@@ -323,13 +382,14 @@ def bench_pipeline(
     repeats: int = 2,
 ) -> dict[str, Any]:
     """Pipeline efficiency: a real run's images/s over the bound the stages' standalone rates set at the same
-    settings (stage batch sizes, device, dtype, torch threads per CPU actor), and data-plane efficiency:
+    settings (stage batch sizes, device, dtype, torch threads and number of CPU actors), and data-plane efficiency:
     measurement-mode rows/s over the PNG-encode bound of the same images, all measured in this run.
 
     The bound: stages that share one device (a CPU's cores, one GPU) can together do no better than the device
-    running their networks back to back, ``slots / sum(1 / stage rate)``, where ``slots`` is the number of
-    single-thread actors the CPUs run at once (one per core), or 1 for a GPU. With a device per stage it is the
-    slowest stage's rate, also reported.
+    running their networks back to back, ``1 / sum(1 / stage rate)``, each stage's rate measured as its pool
+    runs it alone: on a CPU one single-thread actor per core, all at once (``pool_stage_rates``); on a GPU one
+    process. With a device per stage it is the slowest stage's rate, also reported. Also reported: the bound
+    from one CPU actor's rate times the cores, and an in-process ``Karlo.generate`` loop's rate.
     """
     from pipeline.config import RunConfig, StageConfig
     from pipeline.run import init_ray, run
@@ -337,21 +397,25 @@ def bench_pipeline(
 
     prior_steps, decoder_steps, sr_steps = steps
     stages = _stage_configs(device, dtype, batch_size)
+    batch_sizes = {name: s.batch_size for name, s in stages.items()}
+    slots = (os.cpu_count() or 1) if device == "cpu" else 1
     threads = torch.get_num_threads()
-    if device == "cpu":
-        torch.set_num_threads(stages["super_res"].torch_threads)  # a CPU actor's threads
+    actor_threads = stages["super_res"].torch_threads if device == "cpu" else threads
+    model = Karlo.from_pretrained(model_dir, device=device, dtype=DTYPES[dtype])
+    torch.set_num_threads(actor_threads)
     try:
-        model = Karlo.from_pretrained(model_dir, device=device, dtype=DTYPES[dtype])
-        standalone = stage_rates(model, {name: s.batch_size for name, s in stages.items()}, steps, repeats)
+        one_actor = stage_rates(model, batch_sizes, steps, repeats)
     finally:
         torch.set_num_threads(threads)
+    generate = generate_rate(model, batch_sizes["decoder"], steps, repeats)
     image_size = model.config.image_size
     del model  # its memory (GPU memory on cuda) goes to the pipeline's actors
     if device == "cuda":
         torch.cuda.empty_cache()
-    slots = (os.cpu_count() or 1) if device == "cpu" else 1
-    shared_bound = slots / sum(1 / r for r in standalone.values())
-    slowest = min(standalone, key=standalone.get)
+    pool = (pool_stage_rates(model_dir, DTYPES[dtype], batch_sizes, steps, repeats, workers=slots,
+                             threads=actor_threads) if slots > 1 else one_actor)
+    shared_bound = 1 / sum(1 / r for r in pool.values())
+    slowest = min(pool, key=pool.get)
 
     init_ray()
     with tempfile.TemporaryDirectory(prefix="karlo-bench-") as tmp:
@@ -372,40 +436,52 @@ def bench_pipeline(
         plane = run(RunConfig(input_url=str(data_table), output_url=f"{tmp}/plane", skip_networks=True,
                               rows_per_shard=500, stages=dict.fromkeys(STAGES, data_stage),
                               **dict(common, device="cpu", dtype="float32")))
-        first_commit, steady = commit_timeline(Path(tmp) / "plane", plane_started)
+        first_commit, sustained = commit_timeline(Path(tmp) / "plane", plane_started)
         bound = png_encode_bound(min(data_plane_rows, 1000), image_size, os.cpu_count() or 1)
     return {
         "rows": rows,
-        "batch_sizes": {name: s.batch_size for name, s in stages.items()},
-        "stage_images_per_s": standalone,
+        "batch_sizes": batch_sizes,
+        "actors_per_stage_pool": slots,
+        "stage_images_per_s": pool,
+        "stage_images_per_s_one_actor": one_actor,
         "slowest_stage": slowest,
-        "slowest_stage_images_per_s": standalone[slowest] * (slots if device == "cpu" else 1),
+        "slowest_stage_images_per_s": pool[slowest],
         "compute_bound_images_per_s": shared_bound,
+        "ideal_bound_images_per_s": slots / sum(1 / r for r in one_actor.values()),
         "pipeline_images_per_s": pipeline_rate,
         "pipeline_efficiency": pipeline_rate / shared_bound,
+        "generate_images_per_s": generate,
+        "pipeline_over_generate": pipeline_rate / generate,
         "data_plane_rows": data_plane_rows,
         "data_plane_rows_per_s": plane.images_per_second,
         "png_encode_bound_per_s": bound,
         "data_plane_efficiency": plane.images_per_second / bound,
         "data_plane_first_commit_s": first_commit,
-        "data_plane_steady_rows_per_s": steady,
-        "data_plane_steady_efficiency": steady / bound,
+        "data_plane_sustained_rows_per_s": sustained,
+        "data_plane_sustained_efficiency": sustained / bound,
     }
 
 
 def commit_timeline(output_dir: Path, started: float) -> tuple[float, float]:
-    """(seconds from ``started`` to the first shard commit, rows/s committed after it) of a local run.
+    """(seconds from ``started`` to the first shard commit, sustained rows/s) of a local run.
 
-    The whole-run rate of a short run mixes two things: a fixed start-up (Ray, one process per actor importing
-    torch and transformers, the first shard's rows crossing every stage) and the rate at which the pipeline
-    streams once it is full. The markers' modification times separate them: the rows of every shard after the
-    first, over the time from the first commit to the last.
+    The whole-run rate of a short run mixes a fixed start-up (Ray, one process per actor, the first shard's rows
+    crossing every stage) with the rate at which the pipeline streams once it is full, which is what a long run
+    sees. The commit markers' modification times separate them. Sustained: the rows committed from the commit
+    that passes a quarter of the rows to the one that passes three quarters, over the time between the two; the
+    pipeline is full at both ends, so neither the start-up nor the drain at the end counts.
     """
     markers = (output_dir / "_commits").glob("*.json")
     marks = sorted((p.stat().st_mtime, json.loads(p.read_text())["rows"]) for p in markers)
-    if len(marks) < 2 or marks[-1][0] <= marks[0][0]:
-        return (marks[0][0] - started if marks else float("nan")), float("nan")
-    return marks[0][0] - started, sum(rows for _, rows in marks[1:]) / (marks[-1][0] - marks[0][0])
+    if not marks:
+        return float("nan"), float("nan")
+    times = [t for t, _ in marks]
+    done = np.cumsum([rows for _, rows in marks])
+    q1 = int(np.searchsorted(done, done[-1] / 4))
+    q3 = int(np.searchsorted(done, 3 * done[-1] / 4))
+    if times[q3] <= times[q1]:
+        return times[0] - started, float("nan")
+    return times[0] - started, float(done[q3] - done[q1]) / (times[q3] - times[q1])
 
 
 # ---------------------------------------------------------------------------------------------- driver memory
@@ -551,17 +627,21 @@ def format_report(result: dict[str, Any]) -> str:
     pipe = result.get("pipeline")
     if pipe:
         for name, rate in pipe["stage_images_per_s"].items():
-            add("pipeline", f"{name} standalone images/s (batch {pipe['batch_sizes'][name]})", rate)
-        add("pipeline", f"slowest stage ({pipe['slowest_stage']}), all slots", pipe["slowest_stage_images_per_s"])
+            add("pipeline", f"{name} alone, batch {pipe['batch_sizes'][name]}: pool / one actor images/s",
+                f"{rate:.4g} / {pipe['stage_images_per_s_one_actor'][name]:.4g}")
+        add("pipeline", f"slowest stage ({pipe['slowest_stage']})", pipe["slowest_stage_images_per_s"])
         add("pipeline", "compute bound images/s (shared device)", pipe["compute_bound_images_per_s"])
         add("pipeline", f"pipeline images/s ({pipe['rows']} rows)", pipe["pipeline_images_per_s"])
         add("pipeline", "pipeline efficiency", pipe["pipeline_efficiency"])
+        add("pipeline", "ideal bound (one actor's rate x actors)", pipe["ideal_bound_images_per_s"])
+        add("pipeline", "in-process generate images/s", pipe["generate_images_per_s"])
+        add("pipeline", "pipeline / in-process generate", pipe["pipeline_over_generate"])
         add("data plane", f"rows/s ({pipe['data_plane_rows']} rows, networks skipped)", pipe["data_plane_rows_per_s"])
         add("data plane", "PNG-encode bound rows/s", pipe["png_encode_bound_per_s"])
         add("data plane", "data-plane efficiency", pipe["data_plane_efficiency"])
         add("data plane", "seconds to the first shard commit (start-up)", pipe["data_plane_first_commit_s"])
-        add("data plane", "rows/s after the first commit (steady state)", pipe["data_plane_steady_rows_per_s"])
-        add("data plane", "steady-state efficiency", pipe["data_plane_steady_efficiency"])
+        add("data plane", "sustained rows/s (middle half of the commits)", pipe["data_plane_sustained_rows_per_s"])
+        add("data plane", "sustained efficiency", pipe["data_plane_sustained_efficiency"])
     mem = result.get("driver_memory")
     if mem:
         add("driver", f"rows streamed (rows/s {mem['rows_per_s']:.4g})", mem["rows"])

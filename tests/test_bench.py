@@ -158,12 +158,14 @@ def test_bench_cli_stages_json_with_random_weights():
 @pytest.mark.slow
 def test_pipeline_and_driver_memory_sections(ray_local, tiny_model):
     result = bench.bench_pipeline(tiny_model, rows=8, steps=STEPS, data_plane_rows=300, repeats=1)
-    assert set(result["stage_images_per_s"]) == set(bench.STAGES)
+    assert set(result["stage_images_per_s"]) == set(result["stage_images_per_s_one_actor"]) == set(bench.STAGES)
     slots = os.cpu_count()
-    rates = result["stage_images_per_s"]
-    assert result["compute_bound_images_per_s"] == pytest.approx(slots / sum(1 / r for r in rates.values()))
-    assert result["compute_bound_images_per_s"] <= result["slowest_stage_images_per_s"]
-    for key in ("pipeline_efficiency", "data_plane_efficiency"):
+    assert result["actors_per_stage_pool"] == slots
+    pool, one = result["stage_images_per_s"], result["stage_images_per_s_one_actor"]
+    assert result["compute_bound_images_per_s"] == pytest.approx(1 / sum(1 / r for r in pool.values()))
+    assert result["ideal_bound_images_per_s"] == pytest.approx(slots / sum(1 / r for r in one.values()))
+    assert result["compute_bound_images_per_s"] <= result["slowest_stage_images_per_s"] == min(pool.values())
+    for key in ("pipeline_efficiency", "pipeline_over_generate", "data_plane_efficiency"):
         assert 0 < result[key] < 5
     mem = bench.bench_driver_memory(rows=2000, rows_per_shard=500)
     assert mem["rows"] == 2000 and mem["driver_rss_peak_mb"] >= mem["driver_rss_before_mb"]
@@ -184,7 +186,7 @@ def test_example_gpu_stage_configs_parse(gpus):
     assert stages["super_res"].num_gpus > stages["decoder"].num_gpus > stages["prior"].num_gpus
 
 
-def test_commit_timeline_separates_start_up_from_the_steady_rate(tmp_path):
+def test_commit_timeline_separates_start_up_from_the_sustained_rate(tmp_path):
     commits = tmp_path / "_commits"
     commits.mkdir()
     # Shards committed at t = 100 + 30 s (start-up), then at 40 s and 50 s: 500 rows each.
@@ -192,10 +194,19 @@ def test_commit_timeline_separates_start_up_from_the_steady_rate(tmp_path):
         marker = commits / f"{name}.json"
         marker.write_text('{"rows": 500, "errors": 0}')
         os.utime(marker, (at, at))
-    first, steady = bench.commit_timeline(tmp_path, started=100.0)
+    first, sustained = bench.commit_timeline(tmp_path, started=100.0)
     assert first == pytest.approx(30.0)
-    assert steady == pytest.approx(1000 / 20)  # the first shard's rows are start-up, not steady state
-    for name in ("b", "c"):
+    assert sustained == pytest.approx(1000 / 20)  # from the quarter (a) to three quarters (c) of the rows
+    # A slow start and a slow drain around a steady middle: only the middle half of the rows counts.
+    for name, at in (("d", 200.0), ("e", 300.0)):
+        marker = commits / f"{name}.json"
+        marker.write_text('{"rows": 500, "errors": 0}')
+        os.utime(marker, (at, at))
+    for name in ("a", "b", "c"):
+        os.utime(commits / f"{name}.json", (dict(a=110.0, b=190.0, c=195.0)[name],) * 2)
+    first, sustained = bench.commit_timeline(tmp_path, started=100.0)  # quarter at b (1000), 3/4 at d (2000)
+    assert first == pytest.approx(10.0) and sustained == pytest.approx(1000 / 10)
+    for name in ("b", "c", "d", "e"):
         (commits / f"{name}.json").unlink()
-    first, steady = bench.commit_timeline(tmp_path, started=100.0)
-    assert first == pytest.approx(30.0) and steady != steady  # one shard: no steady rate (nan)
+    first, sustained = bench.commit_timeline(tmp_path, started=100.0)
+    assert first == pytest.approx(10.0) and sustained != sustained  # one shard: no sustained rate (nan)
