@@ -22,6 +22,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -292,6 +293,11 @@ def pool_stage_rates(model_dir: str, dtype: torch.dtype, batch_sizes: dict[str, 
             for name in STAGES}
 
 
+def _mean_rate(*rates: float) -> float:
+    """The rate of the measurements together: the mean of their seconds per item."""
+    return len(rates) / sum(1 / r for r in rates)
+
+
 def generate_rate(model: Karlo, batch_size: int, steps: tuple[int, int, int], repeats: int) -> float:
     """images/s of an in-process ``Karlo.generate`` loop at ``batch_size`` (torch's default threads)."""
     prompts, seeds = _prompts(batch_size), list(range(batch_size))
@@ -389,7 +395,8 @@ def bench_pipeline(
     running their networks back to back, ``1 / sum(1 / stage rate)``, each stage's rate measured as its pool
     runs it alone: on a CPU one single-thread actor per core, all at once (``pool_stage_rates``); on a GPU one
     process. With a device per stage it is the slowest stage's rate, also reported. Also reported: the bound
-    from one CPU actor's rate times the cores, and an in-process ``Karlo.generate`` loop's rate.
+    from one CPU actor's rate times the cores, and an in-process ``Karlo.generate`` loop's rate. Each reference
+    is measured before and after the run it is compared with, and the two averaged.
     """
     from pipeline.config import RunConfig, StageConfig
     from pipeline.run import init_ray, run
@@ -407,16 +414,21 @@ def bench_pipeline(
         one_actor = stage_rates(model, batch_sizes, steps, repeats)
     finally:
         torch.set_num_threads(threads)
-    generate = generate_rate(model, batch_sizes["decoder"], steps, repeats)
+    generate_before = generate_rate(model, batch_sizes["decoder"], steps, repeats)
     image_size = model.config.image_size
     del model  # its memory (GPU memory on cuda) goes to the pipeline's actors
     if device == "cuda":
         torch.cuda.empty_cache()
-    pool = (pool_stage_rates(model_dir, DTYPES[dtype], batch_sizes, steps, repeats, workers=slots,
-                             threads=actor_threads) if slots > 1 else one_actor)
-    shared_bound = 1 / sum(1 / r for r in pool.values())
-    slowest = min(pool, key=pool.get)
 
+    def pool_rates() -> dict[str, float]:
+        if slots == 1:
+            return one_actor
+        return pool_stage_rates(model_dir, DTYPES[dtype], batch_sizes, steps, repeats, workers=slots,
+                                threads=actor_threads)
+
+    # The bounds are measured before and after the runs they bound, and averaged: a shared machine's speed drifts
+    # by several per cent over minutes.
+    pool_before = pool_rates()
     init_ray()
     with tempfile.TemporaryDirectory(prefix="karlo-bench-") as tmp:
         table = Path(tmp) / "prompts.parquet"
@@ -425,6 +437,16 @@ def bench_pipeline(
                       super_res_steps=sr_steps, device=device, dtype=dtype)
         full = run(RunConfig(input_url=str(table), output_url=f"{tmp}/full", stages=stages, **common))
         pipeline_rate = full.images_per_second
+        pool_after = pool_rates()
+        model = Karlo.from_pretrained(model_dir, device=device, dtype=DTYPES[dtype])
+        generate_after = generate_rate(model, batch_sizes["decoder"], steps, repeats)
+        generate = _mean_rate(generate_before, generate_after)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        pool = {name: _mean_rate(pool_before[name], pool_after[name]) for name in STAGES}
+        shared_bound = 1 / sum(1 / r for r in pool.values())
+        slowest = min(pool, key=pool.get)
 
         data_table = Path(tmp) / "data_plane.parquet"
         _write_prompts(data_table, data_plane_rows)
@@ -432,17 +454,21 @@ def bench_pipeline(
         # than to starting more actor processes; blocks of a few hundred rows keep Ray Data's per-block work (the
         # driver's scheduling, object transfers, the ledger) small next to the encoding.
         data_stage = StageConfig(batch_size=DATA_PLANE_BATCH)
+        png_bound = partial(png_encode_bound, min(data_plane_rows, 1000), image_size, os.cpu_count() or 1)
+        bound_before = png_bound()
         plane_started = time.time()
         plane = run(RunConfig(input_url=str(data_table), output_url=f"{tmp}/plane", skip_networks=True,
                               rows_per_shard=500, stages=dict.fromkeys(STAGES, data_stage),
                               **dict(common, device="cpu", dtype="float32")))
         first_commit, sustained = commit_timeline(Path(tmp) / "plane", plane_started)
-        bound = png_encode_bound(min(data_plane_rows, 1000), image_size, os.cpu_count() or 1)
+        bound_after = png_bound()
+        bound = _mean_rate(bound_before, bound_after)
     return {
         "rows": rows,
         "batch_sizes": batch_sizes,
         "actors_per_stage_pool": slots,
         "stage_images_per_s": pool,
+        "stage_images_per_s_before_after": {name: [pool_before[name], pool_after[name]] for name in STAGES},
         "stage_images_per_s_one_actor": one_actor,
         "slowest_stage": slowest,
         "slowest_stage_images_per_s": pool[slowest],
@@ -451,10 +477,12 @@ def bench_pipeline(
         "pipeline_images_per_s": pipeline_rate,
         "pipeline_efficiency": pipeline_rate / shared_bound,
         "generate_images_per_s": generate,
+        "generate_images_per_s_before_after": [generate_before, generate_after],
         "pipeline_over_generate": pipeline_rate / generate,
         "data_plane_rows": data_plane_rows,
         "data_plane_rows_per_s": plane.images_per_second,
         "png_encode_bound_per_s": bound,
+        "png_encode_bound_before_after": [bound_before, bound_after],
         "data_plane_efficiency": plane.images_per_second / bound,
         "data_plane_first_commit_s": first_commit,
         "data_plane_sustained_rows_per_s": sustained,
