@@ -627,11 +627,11 @@ def bench_all(
 
 def format_report(result: dict[str, Any]) -> str:
     """One plain-text table: section, figure, value."""
-    lines = [f"{'section':<14}{'figure':<44}value"]
+    lines = [f"{'section':<14}{'figure':<52}value"]
 
     def add(section: str, figure: str, value: Any) -> None:
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
-        lines.append(f"{section:<14}{figure:<44}{text}")
+        lines.append(f"{section:<14}{figure:<52}{text}")
 
     model = result.get("model")
     if model:
@@ -655,7 +655,7 @@ def format_report(result: dict[str, Any]) -> str:
     pipe = result.get("pipeline")
     if pipe:
         for name, rate in pipe["stage_images_per_s"].items():
-            add("pipeline", f"{name} alone, batch {pipe['batch_sizes'][name]}: pool / one actor images/s",
+            add("pipeline", f"{name} alone, batch {pipe['batch_sizes'][name]}: pool / 1 actor images/s",
                 f"{rate:.4g} / {pipe['stage_images_per_s_one_actor'][name]:.4g}")
         add("pipeline", f"slowest stage ({pipe['slowest_stage']})", pipe["slowest_stage_images_per_s"])
         add("pipeline", "compute bound images/s (shared device)", pipe["compute_bound_images_per_s"])
