@@ -277,9 +277,9 @@ def pool_stage_rates(model_dir: str, dtype: torch.dtype, batch_sizes: dict[str, 
     """Each stage's standalone images/s as a pool of ``workers`` CPU actors (``threads`` torch threads each) runs
     it: all of them at once, in their own processes, like the pipeline's pool on these cores.
 
-    Several processes sharing a CPU's caches and memory bandwidth run a network slower than one process alone
-    (on the 2-core development machine: two super-res processes at once each run about 18% slower than one), so
-    one actor's rate times the number of cores would set a bound no pool reaches.
+    Processes sharing a CPU's caches and memory bandwidth may each run a network slower than one process alone,
+    and then one actor's rate times the number of cores sets a bound no pool reaches; measured this way, the bound
+    holds whatever the machine does.
     """
     import multiprocessing
 
@@ -291,6 +291,12 @@ def pool_stage_rates(model_dir: str, dtype: torch.dtype, batch_sizes: dict[str, 
         spans = [job.result() for job in jobs]
     return {name: sum(s[name][2] for s in spans) / (max(s[name][1] for s in spans) - min(s[name][0] for s in spans))
             for name in STAGES}
+
+
+def _release_device_memory(device: str) -> None:
+    """Hand a dropped model's GPU memory back to the device, for the actors that run next."""
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _mean_rate(*rates: float) -> float:
@@ -417,8 +423,7 @@ def bench_pipeline(
     generate_before = generate_rate(model, batch_sizes["decoder"], steps, repeats)
     image_size = model.config.image_size
     del model  # its memory (GPU memory on cuda) goes to the pipeline's actors
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    _release_device_memory(device)
 
     def pool_rates() -> dict[str, float]:
         if slots == 1:
@@ -442,8 +447,7 @@ def bench_pipeline(
         generate_after = generate_rate(model, batch_sizes["decoder"], steps, repeats)
         generate = _mean_rate(generate_before, generate_after)
         del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        _release_device_memory(device)
         pool = {name: _mean_rate(pool_before[name], pool_after[name]) for name in STAGES}
         shared_bound = 1 / sum(1 / r for r in pool.values())
         slowest = min(pool, key=pool.get)
