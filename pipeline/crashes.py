@@ -17,6 +17,7 @@ A transient crash therefore costs one restart and a row-by-row pass over one bat
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from typing import Callable
 
@@ -38,9 +39,12 @@ class CrashLedger:
     def __init__(self) -> None:
         self.deaths: Counter[tuple[str, str]] = Counter()
         self.finished: Counter[str] = Counter()  # stage -> rows it finished in this run (the progress line)
+        self.first_begin: float | None = None  # when a stage began the run's first batch (time.time())
 
     def begin(self, stage: str, keys: list[str]) -> list[int]:
         """Mark the rows in flight; returns, per row, how many earlier attempts died."""
+        if self.first_begin is None:
+            self.first_begin = time.time()
         before = [self.deaths[(stage, key)] for key in keys]
         for key in keys:
             self.deaths[(stage, key)] += 1
@@ -61,6 +65,10 @@ class CrashLedger:
         """Rows ``stage`` has finished in this run, not yet necessarily committed (a batch Ray retries after its
         actor died past this point counts twice: an estimate for progress, never for accounting)."""
         return self.finished[stage]
+
+    def first_batch_began(self) -> float | None:
+        """When the run's first batch began (time.time() on the ledger's node), or None before any batch."""
+        return self.first_begin
 
 
 def new_ledger() -> ray.actor.ActorHandle:

@@ -192,7 +192,7 @@ def format_summary(s: RunSummary) -> str:
         ("error rows", f"{s.errors}" + ("  -> see errors/" if s.errors else "")),
         *([("rejected rows", f"{s.rejected}  (below --min-clip-score) -> see rejected/")] if s.rejected else []),
         ("shards", f"{s.shards}"),
-        ("images/s", f"{s.images_per_second:.2f} ({s.images_this_run} in {s.seconds:.1f} s)"),
+        ("images/s", f"{s.images_per_second:.2f} ({s.images_this_run} in {s.seconds:.1f} s{_after_start_up(s)})"),
         ("time", format_duration(s.seconds)),
         ("output", f"{s.output_url}  (images/, img_emb/, text_emb/, metadata/, manifest.json)"),
     ]
@@ -201,3 +201,10 @@ def format_summary(s: RunSummary) -> str:
     if not s.complete:
         lines.append("  INCOMPLETE: rows are missing; rerun the same command to finish")
     return "\n".join(lines)
+
+
+def _after_start_up(s: RunSummary) -> str:
+    rate = s.images_per_second_after_start_up
+    if rate is None:
+        return ""
+    return f"; {rate:.2f} after {s.start_up_seconds:.1f} s of start-up"

@@ -57,7 +57,11 @@ from .sinks import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "tiny-random-v1"
-WRITE_CPUS = 0.25  # per write task: it assembles encoded files and uploads them
+# A write task assembles encoded files and uploads them: little CPU, mostly waiting on storage. It reserves no CPU:
+# Ray Data caps a run's CPUs at what its autoscaling coordinator reserved for it, which can shrink to what the
+# actor pools already hold (leftover fractions of a CPU are not handed out), and a write task that needs a share
+# of a CPU then waits for the pools to finish: no shard is committed until the end. `concurrency` bounds them.
+WRITE_CPUS = 0
 RUN_FOLDERS = (IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR, METADATA_DIR, ERRORS_DIR, CLIP_EMB_DIR, REJECTED_DIR, COMMITS_DIR)
 
 
@@ -81,6 +85,7 @@ class RunSummary:
     seconds: float
     images_this_run: int
     rejected: int = 0  # rows below the minimum CLIP score, committed in rejected/
+    start_up_seconds: float | None = None  # until the first batch began: Ray, actor processes, model loads
 
     @property
     def complete(self) -> bool:
@@ -89,6 +94,13 @@ class RunSummary:
     @property
     def images_per_second(self) -> float:
         return self.images_this_run / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def images_per_second_after_start_up(self) -> float | None:
+        """The rate from the first batch on: what a long run approaches, with the fixed start-up left out."""
+        if self.start_up_seconds is None or self.seconds <= self.start_up_seconds:
+            return None
+        return self.images_this_run / (self.seconds - self.start_up_seconds)
 
     @property
     def ok(self) -> bool:
@@ -234,6 +246,7 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
         min_clip_score=cfg.min_clip_score,
     )
     remaining = plan.total_rows - len(done)
+    first_batch = None
     if remaining > 0:
         duplicates = find_duplicates(read_column(plan, C.ID)) if C.ID in plan.schema.names else {}
         ds = read_prompts(plan)
@@ -265,6 +278,7 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
                              interval=progress_interval, write=echo,
                              generated=lambda: ray.get(ledger.finished_rows.remote(last_stage), timeout=30)):
             ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS}, concurrency=writers)
+        first_batch = _first_batch_began(ledger)
     this_run = sink.result or SinkResult(0, 0, 0, 0)
 
     markers = committed_shards(cfg.output_url, cfg.storage_options)
@@ -280,6 +294,7 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
         seconds=time.time() - started,
         images_this_run=this_run.rows,
         rejected=total.rejected,
+        start_up_seconds=None if first_batch is None else max(0.0, first_batch - started),
     )
     manifest.update(
         status="complete" if summary.complete else "incomplete",
@@ -288,9 +303,25 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
                 "rejected": summary.rejected, "shards": summary.shards},
         last_attempt={"seconds": round(summary.seconds, 3), "images": summary.images_this_run,
                       "errors": this_run.errors, "rejected": this_run.rejected,
-                      "images_per_second": round(summary.images_per_second, 4)},
+                      "images_per_second": round(summary.images_per_second, 4),
+                      "start_up_seconds": _rounded(summary.start_up_seconds, 3),
+                      "images_per_second_after_start_up": _rounded(summary.images_per_second_after_start_up, 4)},
     )
     write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
     if summary.complete:
         write_json_atomic(fs, f"{root}/{SUCCESS}", {"finished": manifest["finished"]})
     return summary
+
+
+def _first_batch_began(ledger: ray.actor.ActorHandle) -> float | None:
+    """When the run's first batch began, for the start-up time; None if the ledger cannot say (a figure of the
+    summary, never a reason to fail a run whose rows are committed)."""
+    try:
+        return ray.get(ledger.first_batch_began.remote(), timeout=30)
+    except ray.exceptions.RayError:
+        logger.warning("the crash ledger did not say when the first batch began; no start-up time is reported")
+        return None
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)

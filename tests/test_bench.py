@@ -165,8 +165,13 @@ def test_pipeline_and_driver_memory_sections(ray_local, tiny_model):
     assert result["compute_bound_images_per_s"] == pytest.approx(1 / sum(1 / r for r in pool.values()))
     assert result["ideal_bound_images_per_s"] == pytest.approx(slots / sum(1 / r for r in one.values()))
     assert result["compute_bound_images_per_s"] <= result["slowest_stage_images_per_s"] == min(pool.values())
-    for key in ("pipeline_efficiency", "pipeline_over_generate", "data_plane_efficiency"):
+    for key in ("pipeline_efficiency", "pipeline_over_generate", "data_plane_efficiency",
+                "pipeline_efficiency_after_start_up", "pipeline_over_generate_after_start_up",
+                "data_plane_efficiency_after_start_up"):
         assert 0 < result[key] < 5
+    # Leaving the start-up out can only raise a run's rate.
+    assert result["pipeline_images_per_s_after_start_up"] > result["pipeline_images_per_s"]
+    assert result["data_plane_rows_per_s_after_start_up"] > result["data_plane_rows_per_s"]
     mem = bench.bench_driver_memory(rows=2000, rows_per_shard=500)
     assert mem["rows"] == 2000 and mem["driver_rss_peak_mb"] >= mem["driver_rss_before_mb"]
     report = bench.format_report({"pipeline": result, "driver_memory": mem})

@@ -284,7 +284,12 @@ def test_resume_regenerates_only_the_uncommitted_shard(local_run, tmp_path):
     out = read_output(root)
     assert sorted(out.keys) == IDS and len(out.keys) == 6
     assert out.manifest["attempts"] == 2 and out.manifest["counts"]["written"] == 6
-    assert out.manifest["last_attempt"]["images"] == n
+    last = out.manifest["last_attempt"]
+    assert last["images"] == n
+    # The start-up (Ray, actor processes, model loads) ends when the first batch begins, within the attempt.
+    assert 0 < last["start_up_seconds"] < last["seconds"]
+    assert last["images_per_second_after_start_up"] == pytest.approx(
+        n / (last["seconds"] - last["start_up_seconds"]), rel=0.01)
 
     # A rerun after success finds nothing to do and writes no shard file.
     again = run(cfg)

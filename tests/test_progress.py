@@ -163,6 +163,17 @@ def test_summary_table():
     ]
 
 
+def test_summary_rate_after_start_up():
+    s = RunSummary(output_url="out", rows_in=8, written=8, errors=0, resumed=0, shards=1, bad_files=[],
+                   seconds=50.0, images_this_run=8, start_up_seconds=10.0)
+    assert s.images_per_second_after_start_up == pytest.approx(8 / 40)
+    assert "  images/s         0.16 (8 in 50.0 s; 0.20 after 10.0 s of start-up)" in format_summary(s).splitlines()
+    # A resumed run with nothing left to do has no start-up to speak of.
+    none = RunSummary(output_url="out", rows_in=8, written=8, errors=0, resumed=8, shards=1, bad_files=[],
+                      seconds=3.0, images_this_run=0)
+    assert none.images_per_second_after_start_up is None and "start-up" not in format_summary(none)
+
+
 @pytest.mark.slow
 def test_generate_prints_progress_lines_and_the_summary(generated_run):
     result = generated_run.result
