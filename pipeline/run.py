@@ -142,7 +142,7 @@ def init_ray() -> None:
 
 def check_resources(cfg: RunConfig) -> None:
     """Fail before any work if the stages cannot be placed: a pool waiting for resources never starts, and
-    pools holding every CPU leave none for the read and write tasks (Ray Data then stalls silently)."""
+    pools holding every CPU leave none for the read and prepare tasks (Ray Data then stalls silently)."""
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
     for name, s in cfg.stages.items():
@@ -155,7 +155,8 @@ def check_resources(cfg: RunConfig) -> None:
     if reserved + 0.5 > cpus:
         raise ConfigError(
             f"the stages and the image encoder reserve {reserved:g} of the cluster's {cpus:g} CPUs at start; leave at "
-            "least 0.5 CPU for reading and writing (lower num_cpus or the minimum number of actors)"
+            "least 0.5 CPU for the tasks that read and prepare the rows (lower num_cpus or the minimum number of "
+            "actors)"
         )
 
 

@@ -47,7 +47,7 @@ def test_cpu_defaults_fit_two_cpus():
 @pytest.mark.parametrize("names", [STAGE_NAMES + ("clip_score",), ("image_encoder", "decoder", "super_res", "clip_score")])
 def test_cpu_defaults_leave_half_a_cpu_on_two_cpus(monkeypatch, names):
     """Every pool at its minimum, CLIP scoring's included, plus one image encoder, leave the 0.5 CPU the read and
-    write tasks need on a 2-CPU machine (pipeline.run.check_resources)."""
+    prepare tasks need on a 2-CPU machine (pipeline.run.check_resources)."""
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     stages = parse_stage_configs(None, "cpu", "float32", names)
     assert sum(s.num_cpus * s.min_actors for s in stages.values()) + ENCODE_CPUS + 0.5 <= 2
