@@ -675,26 +675,30 @@ def format_report(result: dict[str, Any]) -> str:
         for name, rate in pipe["stage_images_per_s"].items():
             add("pipeline", f"{name} alone, batch {pipe['batch_sizes'][name]}: pool / 1 actor images/s",
                 f"{rate:.4g} / {pipe['stage_images_per_s_one_actor'][name]:.4g}")
-        add("pipeline", f"slowest stage ({pipe['slowest_stage']})", pipe["slowest_stage_images_per_s"])
-        add("pipeline", "compute bound images/s (shared device)", pipe["compute_bound_images_per_s"])
-        add("pipeline", f"pipeline images/s ({pipe['rows']} rows)", pipe["pipeline_images_per_s"])
-        add("pipeline", "pipeline efficiency", pipe["pipeline_efficiency"])
-        add("pipeline", "ideal bound (one actor's rate x actors)", pipe["ideal_bound_images_per_s"])
-        add("pipeline", "in-process generate images/s", pipe["generate_images_per_s"])
-        add("pipeline", "pipeline / in-process generate", pipe["pipeline_over_generate"])
-        add("pipeline", "start-up s (until the first batch began)", pipe["pipeline_start_up_s"])
-        add("pipeline", "images/s after start-up", pipe["pipeline_images_per_s_after_start_up"])
-        add("pipeline", "efficiency after start-up", pipe["pipeline_efficiency_after_start_up"])
-        add("pipeline", "after start-up / in-process generate", pipe["pipeline_over_generate_after_start_up"])
-        add("data plane", f"rows/s ({pipe['data_plane_rows']} rows, networks skipped)", pipe["data_plane_rows_per_s"])
-        add("data plane", "PNG-encode bound rows/s", pipe["png_encode_bound_per_s"])
-        add("data plane", "data-plane efficiency", pipe["data_plane_efficiency"])
-        add("data plane", "start-up s (until the first batch began)", pipe["data_plane_start_up_s"])
-        add("data plane", "rows/s after start-up", pipe["data_plane_rows_per_s_after_start_up"])
-        add("data plane", "efficiency after start-up", pipe["data_plane_efficiency_after_start_up"])
-        add("data plane", "seconds to the first shard commit (start-up)", pipe["data_plane_first_commit_s"])
-        add("data plane", "sustained rows/s (middle half of the commits)", pipe["data_plane_sustained_rows_per_s"])
-        add("data plane", "sustained efficiency", pipe["data_plane_sustained_efficiency"])
+        rows = (
+            ("pipeline", f"slowest stage ({pipe['slowest_stage']})", "slowest_stage_images_per_s"),
+            ("pipeline", "compute bound images/s (shared device)", "compute_bound_images_per_s"),
+            ("pipeline", f"pipeline images/s ({pipe['rows']} rows)", "pipeline_images_per_s"),
+            ("pipeline", "pipeline efficiency", "pipeline_efficiency"),
+            ("pipeline", "ideal bound (one actor's rate x actors)", "ideal_bound_images_per_s"),
+            ("pipeline", "in-process generate images/s", "generate_images_per_s"),
+            ("pipeline", "pipeline / in-process generate", "pipeline_over_generate"),
+            ("pipeline", "start-up s (until the first batch began)", "pipeline_start_up_s"),
+            ("pipeline", "images/s after start-up", "pipeline_images_per_s_after_start_up"),
+            ("pipeline", "efficiency after start-up", "pipeline_efficiency_after_start_up"),
+            ("pipeline", "after start-up / in-process generate", "pipeline_over_generate_after_start_up"),
+            ("data plane", f"rows/s ({pipe['data_plane_rows']} rows, networks skipped)", "data_plane_rows_per_s"),
+            ("data plane", "PNG-encode bound rows/s", "png_encode_bound_per_s"),
+            ("data plane", "data-plane efficiency", "data_plane_efficiency"),
+            ("data plane", "start-up s (until the first batch began)", "data_plane_start_up_s"),
+            ("data plane", "rows/s after start-up", "data_plane_rows_per_s_after_start_up"),
+            ("data plane", "efficiency after start-up", "data_plane_efficiency_after_start_up"),
+            ("data plane", "seconds to the first shard commit", "data_plane_first_commit_s"),
+            ("data plane", "sustained rows/s (middle half of the commits)", "data_plane_sustained_rows_per_s"),
+            ("data plane", "sustained efficiency", "data_plane_sustained_efficiency"),
+        )
+        for section, figure, key in rows:
+            add(section, figure, pipe[key])
     mem = result.get("driver_memory")
     if mem:
         add("driver", f"rows streamed (rows/s {mem['rows_per_s']:.4g})", mem["rows"])
