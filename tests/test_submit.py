@@ -38,6 +38,15 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def worker_port_range(taken: list[int], width: int = 200) -> int:
+    """The first of `width` + 1 worker ports, free when picked and clear of the `taken` component ports: Ray refuses
+    to start when a component's port falls inside its workers' range."""
+    while True:
+        start = free_ports(1)[0]
+        if start + width <= 65535 and not any(start <= port <= start + width for port in taken):
+            return start
+
+
 class RayHead:
     def __init__(self, address: str, client_env: dict[str, str]):
         self.address = address
@@ -56,8 +65,9 @@ def ray_head(tiny_model, aws_env):
     temp = Path(tempfile.mkdtemp(prefix="kr-", dir="/tmp"))
     token = temp / "auth_token"
     token.write_text(secrets.token_hex(32))
-    gcs, dashboard, client, agent, agent_grpc, runtime_env_port, metrics, objects, nodes = free_ports(9)
-    workers = free_ports(1)[0]
+    components = free_ports(9)
+    gcs, dashboard, client, agent, agent_grpc, runtime_env_port, metrics, objects, nodes = components
+    workers = worker_port_range(components)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
            # The job's `python` is this environment's, as on a cluster built from infra/Dockerfile.
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -87,7 +97,8 @@ def ray_head(tiny_model, aws_env):
                 time.sleep(1)
         yield RayHead(address, {k: v for k, v in env.items() if k != "RAY_API_SERVER_ADDRESS"})
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # a head that failed to start left no group behind
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
