@@ -39,12 +39,12 @@ class CrashLedger:
     def __init__(self) -> None:
         self.deaths: Counter[tuple[str, str]] = Counter()
         self.finished: Counter[str] = Counter()  # stage -> rows it finished in this run (the progress line)
-        self.first_begin: float | None = None  # when a stage began the run's first batch (time.time())
+        self.first_begin: float | None = None  # when a stage began the run's first batch (time.monotonic())
 
     def begin(self, stage: str, keys: list[str]) -> list[int]:
         """Mark the rows in flight; returns, per row, how many earlier attempts died."""
         if self.first_begin is None:
-            self.first_begin = time.time()
+            self.first_begin = time.monotonic()
         before = [self.deaths[(stage, key)] for key in keys]
         for key in keys:
             self.deaths[(stage, key)] += 1
@@ -66,9 +66,10 @@ class CrashLedger:
         actor died past this point counts twice: an estimate for progress, never for accounting)."""
         return self.finished[stage]
 
-    def first_batch_began(self) -> float | None:
-        """When the run's first batch began (time.time() on the ledger's node), or None before any batch."""
-        return self.first_begin
+    def seconds_since_first_batch(self) -> float | None:
+        """How long ago the run's first batch began, or None before any batch. A duration, measured on the
+        ledger's node alone: its clock need not agree with the driver's."""
+        return None if self.first_begin is None else time.monotonic() - self.first_begin
 
 
 def new_ledger() -> ray.actor.ActorHandle:

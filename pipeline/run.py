@@ -315,13 +315,14 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
 
 
 def _first_batch_began(ledger: ray.actor.ActorHandle) -> float | None:
-    """When the run's first batch began, for the start-up time; None if the ledger cannot say (a figure of the
-    summary, never a reason to fail a run whose rows are committed)."""
+    """When the run's first batch began (the driver's time.time()), for the start-up time; None if the ledger
+    cannot say (a figure of the summary, never a reason to fail a run whose rows are committed)."""
     try:
-        return ray.get(ledger.first_batch_began.remote(), timeout=30)
+        ago = ray.get(ledger.seconds_since_first_batch.remote(), timeout=30)
     except ray.exceptions.RayError:
         logger.warning("the crash ledger did not say when the first batch began; no start-up time is reported")
         return None
+    return None if ago is None else time.time() - ago
 
 
 def _rounded(value: float | None, digits: int) -> float | None:
