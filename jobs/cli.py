@@ -36,6 +36,13 @@ def _run_options(command):
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
                      show_default=True),
         click.option("--overwrite", is_flag=True, help="Delete a previous run in OUTPUT made with other settings."),
+        click.option("--placement-timeout", default=0.0, show_default=True, type=click.FloatRange(min=0),
+                     metavar="SECONDS",
+                     help="Wait this long for the GPUs the stage actors need (an autoscaling cluster adding nodes, "
+                          "or other jobs releasing them) before refusing the run."),
+        click.option("--dry-run", is_flag=True,
+                     help="Check the input, the model and OUTPUT, reserve and show the actors' placement (as `karlo "
+                          "plan`) and the rows and shards the run would write; write nothing."),
         click.option("--progress-interval", default=10.0, show_default=True, type=click.FloatRange(min=0),
                      metavar="SECONDS",
                      help="Print a status line (rows, images/s, ETA, errors) to stderr this often; 0 turns it off."),
@@ -104,6 +111,7 @@ def variations(input_url, output_url, model, stage_config, device, dtype, progre
 
 def _run_command(input_url, output_url, model, stage_config, device, dtype, progress_interval, settings, *,
                  repo: str) -> None:
+    dry = settings.pop("dry_run")
     """Build the RunConfig, run it, print the summary and exit with the run's status."""
     from pipeline.config import ALL_STAGE_NAMES, ConfigError, RunConfig, load_stage_config_file
     from pipeline.reader import InputError
@@ -126,8 +134,14 @@ def _run_command(input_url, output_url, model, stage_config, device, dtype, prog
             f"s3://bucket/models/{repo.split('/')[-1]}) for real images.",
             err=True,
         )
+    echo = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
-        summary = run(cfg, echo=lambda m: click.echo(m, err=True), progress_interval=progress_interval)
+        if dry:
+            from pipeline.dry_run import dry_run, format_dry_run
+
+            click.echo(format_dry_run(dry_run(cfg, echo=echo)))
+            return
+        summary = run(cfg, echo=echo, progress_interval=progress_interval)
     except (InputError, ConfigError, OutputError) as e:
         click.echo(f"error: {redact(str(e))}", err=True)
         sys.exit(2)
@@ -140,6 +154,45 @@ def _print_summary(s) -> None:
     from pipeline.progress import format_summary
 
     click.echo(format_summary(s))
+
+
+@main.command("plan")
+@click.option("--stage-config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The YAML stage config a run would use (see `karlo generate --help`).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--clip-score", is_flag=True, help="Include the CLIP score stage, as `generate --clip-score` does.")
+@click.option("--variations", is_flag=True, help="The stages of `karlo variations` (image encoder for the prior).")
+@click.option("--placement-timeout", default=0.0, show_default=True, type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Wait this long for GPUs the cluster lacks or has busy.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan_cmd(stage_config, device, dtype, clip_score, variations, placement_timeout, as_json) -> None:
+    """Reserve what `karlo generate` would on the Ray cluster (RAY_ADDRESS, a cluster started on this machine, or a
+    local Ray), print per node and per GPU the stage actors that land there, then release it.
+
+    Exits 0 when every actor places, 2 with a message naming what does not fit.
+    """
+    from pipeline.config import ALL_STAGE_NAMES, ConfigError, RunConfig, load_stage_config_file
+    from pipeline.placement import format_layout, layout
+    from pipeline.run import check_resources, init_ray
+
+    try:
+        stages = (load_stage_config_file(Path(stage_config).read_text(), device, dtype, ALL_STAGE_NAMES)
+                  if stage_config else {})
+        # The stages of a run; its input and output play no part in placement.
+        cfg = RunConfig(input_url="-", output_url="-", device=device, dtype=dtype, stages=stages,
+                        clip_score=clip_score, task="variations" if variations else "generate")
+        init_ray(lambda m: click.echo(m, err=True))
+        check_resources(cfg)
+    except ConfigError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    report = layout(cfg.stages, timeout=placement_timeout)
+    click.echo(json.dumps(report, indent=2) if as_json else format_layout(report))
+    if report["error"]:
+        if as_json:
+            click.echo(f"error: {report['error']}", err=True)
+        sys.exit(2)
 
 
 @main.command("preview")

@@ -7,9 +7,11 @@ timestamps) reach the writer untouched; a stage sees only the columns it declare
 from __future__ import annotations
 
 import importlib
+import os
 
 import numpy as np
 import pyarrow as pa
+import ray
 from ray.actor import ActorHandle
 from ray.data import ActorPoolStrategy, Dataset
 from ray.data.block import BlockAccessor
@@ -18,6 +20,7 @@ from ray.data.extensions import ArrowTensorArray
 from . import columns as C
 from . import crashes
 from .config import STAGE_NAMES, RunConfig, StageConfig
+from .placement import Reservation, map_batches_args, per_actor_scheduling
 
 # Where each stage's class lives: an actor imports only its own stage's module, so that a decoder actor does not
 # pay for the imports of CLIP scoring or image variations when it starts.
@@ -44,6 +47,10 @@ class StageActor:
         self.stage = stage_class(self.stage_name)(**kwargs)
         self.columns = sorted(set(self.stage.inputs) | {C.ERROR, C.ERROR_STAGE})
         self.crash_ledger = crash_ledger
+        # Where this actor runs, for the manifest (not awaited: the ledger is on the driver's node).
+        context = ray.get_runtime_context()
+        crash_ledger.placed.remote(self.stage_name, context.get_node_id(), [int(i) for i in ray.get_gpu_ids()],
+                                   os.getpid())
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if table.num_rows == 0:
@@ -78,10 +85,12 @@ ACTOR_CLASSES = {
 
 
 def add_stage(
-    ds: Dataset, name: str, stage: StageConfig, cfg: RunConfig, model: str, ledger: ActorHandle
+    ds: Dataset, name: str, stage: StageConfig, cfg: RunConfig, model: str, ledger: ActorHandle,
+    reservation: Reservation | None,
 ) -> Dataset:
     """Append stage ``name`` as an actor pool; ``model`` is the Karlo repo, or the CLIP tower of the score stage;
-    ``ledger`` the run's crash ledger (pipeline.crashes)."""
+    ``ledger`` the run's crash ledger (pipeline.crashes); ``reservation`` the GPUs reserved for the stage actors
+    (pipeline.placement), None when no stage uses a GPU."""
     kwargs: dict = dict(
         model=model,
         device=stage.device,
@@ -96,12 +105,14 @@ def add_stage(
         from .scoring import reference_column
 
         kwargs["reference"] = reference_column(cfg)
-    return ds.map_batches(
-        ACTOR_CLASSES[name],
-        fn_constructor_args=(kwargs, ledger),
-        batch_size=stage.batch_size,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=stage.min_actors, max_size=stage.max_actors),
-        num_cpus=stage.num_cpus,
-        num_gpus=stage.num_gpus,
-    )
+    with per_actor_scheduling():
+        return ds.map_batches(
+            ACTOR_CLASSES[name],
+            fn_constructor_args=(kwargs, ledger),
+            batch_size=stage.batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=stage.min_actors, max_size=stage.max_actors),
+            num_cpus=stage.num_cpus,
+            num_gpus=stage.num_gpus,
+            **map_batches_args(reservation, name),
+        )

@@ -166,6 +166,7 @@ class RunConfig:
     clip_model: str | None = None  # the tower: None picks the run's own (pipeline.scoring.clip_model_for)
     min_clip_score: float | None = None  # rows scoring below go to rejected/
     stages: dict[str, StageConfig] = field(default_factory=dict)
+    placement_timeout: float = 0.0  # seconds to wait for GPUs the cluster lacks or has busy (pipeline.placement)
     storage_options: dict = field(default_factory=dict, repr=False)  # may hold credentials: never printed
 
     def __post_init__(self) -> None:
@@ -187,6 +188,8 @@ class RunConfig:
         _check(self.min_clip_score is None or (_is_number(self.min_clip_score) and -1 <= self.min_clip_score <= 1),
                "min_clip_score is a cosine: a number in [-1, 1]")
         _check(self.clip_model is None or self.clip_score, "clip_model needs clip_score")
+        _check(_is_number(self.placement_timeout) and 0 <= self.placement_timeout < float("inf"),
+               "placement_timeout must be a finite number of seconds >= 0")
         unknown = set(self.stages) - set(ALL_STAGE_NAMES)
         _check(not unknown, f"unknown stages {sorted(unknown)}; expected {', '.join(ALL_STAGE_NAMES)}")
         # Stages left out run with the defaults for the run's device; stages the run does not have are dropped.

@@ -23,6 +23,7 @@ from typing import Callable
 
 import pyarrow as pa
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import columns as C
 
@@ -40,6 +41,7 @@ class CrashLedger:
         self.deaths: Counter[tuple[str, str]] = Counter()
         self.finished: Counter[str] = Counter()  # stage -> rows it finished in this run (the progress line)
         self.first_begin: float | None = None  # when a stage began the run's first batch (time.monotonic())
+        self.actors: list[dict] = []  # where each stage actor started (pipeline.actors), restarts included
 
     def begin(self, stage: str, keys: list[str]) -> list[int]:
         """Mark the rows in flight; returns, per row, how many earlier attempts died."""
@@ -66,6 +68,12 @@ class CrashLedger:
         actor died past this point counts twice: an estimate for progress, never for accounting)."""
         return self.finished[stage]
 
+    def placed(self, stage: str, node_id: str, gpu_ids: list[int], pid: int) -> None:
+        self.actors.append({"stage": stage, "node_id": node_id, "gpu_ids": gpu_ids, "pid": pid})
+
+    def placements(self) -> list[dict]:
+        return self.actors
+
     def seconds_since_first_batch(self) -> float | None:
         """How long ago the run's first batch began, or None before any batch. A duration, measured on the
         ledger's node alone: its clock need not agree with the driver's."""
@@ -73,10 +81,11 @@ class CrashLedger:
 
 
 def new_ledger() -> ray.actor.ActorHandle:
-    """A ledger for one run. Create it on the driver, which then owns it: it lives as long as the run, whichever
-    actors die, and goes when the run drops its handle. Each run gets its own, so runs in one driver or on one
-    cluster never share counts."""
-    return CrashLedger.remote()
+    """A ledger for one run. Created by the driver, which then owns it, and on the driver's node: it lives as long
+    as the run, whichever actors or worker nodes die, and goes when the run drops its handle. Each run gets its
+    own, so runs in one driver or on one cluster never share counts."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return CrashLedger.options(scheduling_strategy=here).remote()
 
 
 def guarded(
@@ -86,11 +95,12 @@ def guarded(
     keys = table.column(C.KEY).to_pylist()
     try:
         died = ray.get(ledger.begin.remote(stage, keys), timeout=LEDGER_TIMEOUT_S)
-    except ray.exceptions.GetTimeoutError:
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
         # The ledger is a safety net against rows that kill their worker every time; a ledger that cannot be
-        # reached must not stall the run, so the batch runs unguarded.
-        logger.warning("%s: the crash ledger did not answer in %d s; running a batch without it", stage,
-                       LEDGER_TIMEOUT_S)
+        # reached (slow, or gone with a driver that is itself ending) must not stall or fail the run, so the
+        # batch runs unguarded.
+        logger.warning("%s: the crash ledger did not answer (%s); running a batch without it", stage,
+                       type(e).__name__)
         return fn(table)
     if not any(died):
         out = fn(table)

@@ -29,6 +29,7 @@ from .actors import add_stage
 from .config import ConfigError, RunConfig
 from .encode import ENCODE_CPUS, add_encode
 from .manifest import MANIFEST, SUCCESS, differences, identity_of_run, model_identity, now, package_versions
+from .placement import placement_record, reserved
 from .progress import report_progress
 from .reader import InputPlan, display_url, plan_inputs, read_column, read_prompts
 from .redact import storage_error
@@ -125,32 +126,51 @@ def default_model(variations: bool = False) -> str:
     return str(target)
 
 
-def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (set inside Ray jobs), else start a local Ray sized to the machine."""
+def init_ray(echo: Callable[[str], None] | None = None) -> None:
+    """Join the cluster a Ray user would expect, and say which in one line through ``echo``.
+
+    RAY_ADDRESS (set inside Ray jobs) names a cluster; without it a cluster started on this machine with
+    ``ray start`` is joined, as ``ray.init()`` does; otherwise (or with ``RAY_ADDRESS=local``) a private local Ray
+    sized to the machine is started.
+    """
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address and address != "local":
         ray.init(log_to_driver=True)
+        _say_cluster(echo, "joined the Ray cluster at RAY_ADDRESS")
         return
     cpus = os.cpu_count() or 1
     # Ray keeps about one idle worker process per CPU and kills the rest within a second. Beside the stage and
     # encoder actors, that killed the read and write tasks' workers between tasks on a small machine, and every
     # task then paid a new process (~2 s of CPU importing Ray and pyarrow). Idle workers cost memory only.
     os.environ.setdefault("RAY_num_workers_soft_limit", str(max(16, 2 * cpus)))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    try:
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    except ValueError as e:
+        # ray.init() joins a cluster that `ray start` recorded on this machine, and then refuses resource
+        # arguments: join it as it is.
+        if "existing cluster" not in str(e):
+            raise
+        ray.init(log_to_driver=True)
+        _say_cluster(echo, "joined the Ray cluster started on this machine (RAY_ADDRESS=local starts a private one)")
+        return
+    _say_cluster(echo, "started a local Ray")
+
+
+def _say_cluster(echo: Callable[[str], None] | None, what: str) -> None:
+    if echo is None:
+        return
+    resources = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    echo(f"{what} ({ray.get_runtime_context().gcs_address}): {nodes} node{'s' * (nodes != 1)}, "
+         f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
 
 
 def check_resources(cfg: RunConfig) -> None:
-    """Fail before any work if the stages cannot be placed: a pool waiting for resources never starts, and
-    pools holding every CPU leave none for the read and prepare tasks (Ray Data then stalls silently)."""
-    resources = ray.cluster_resources()
-    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
-    for name, s in cfg.stages.items():
-        if s.num_gpus > gpus:
-            raise ConfigError(
-                f"stage {name} asks for {s.num_gpus} GPU per actor but the Ray cluster has {gpus:g} GPUs; "
-                "use --device cpu or run on a cluster with GPUs"
-            )
+    """Fail before any work if the stages' CPUs cannot be placed: pools holding every CPU leave none for the read
+    and prepare tasks (Ray Data then stalls silently). GPUs are checked by reserving them (pipeline.placement)."""
+    cpus = ray.cluster_resources().get("CPU", 0)
     reserved = sum(s.min_actors * s.num_cpus for s in cfg.stages.values()) + ENCODE_CPUS  # + one encoder
     if reserved + 0.5 > cpus:
         raise ConfigError(
@@ -204,114 +224,118 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
         clip_model = clip_model_for(cfg, model, default_model(variations=True) if cfg.model is None else None)
         clip_info = check_tower(clip_model, model, cfg.storage_options)
     # Before OUTPUT is touched: a run that cannot be placed must not leave a manifest that refuses the fixed rerun.
-    init_ray()
+    init_ray(echo)
     check_resources(cfg)
-    fs, root, previous = _open_output(cfg, identity)
+    with reserved(cfg.stages, timeout=cfg.placement_timeout, echo=echo) as reservation:
+        fs, root, previous = _open_output(cfg, identity)
 
-    removed = remove_uncommitted(cfg.output_url, cfg.storage_options)
-    if removed:
-        echo(f"removed {len(removed)} uncommitted file(s) left by an interrupted run")
-    done = committed_keys(cfg.output_url, cfg.storage_options)
-    if done:
-        echo(f"resuming: {len(done)} of {plan.total_rows} rows are already committed")
+        removed = remove_uncommitted(cfg.output_url, cfg.storage_options)
+        if removed:
+            echo(f"removed {len(removed)} uncommitted file(s) left by an interrupted run")
+        done = committed_keys(cfg.output_url, cfg.storage_options)
+        if done:
+            echo(f"resuming: {len(done)} of {plan.total_rows} rows are already committed")
 
-    manifest: dict[str, Any] = {
-        "identity": identity,
-        "status": "running",
-        "started": (previous or {}).get("started", now()),
-        "attempts": (previous or {}).get("attempts", 0) + 1,
-        "input_rows": plan.total_rows,
-        "bad_files": [list(b) for b in plan.bad_files],
-        "stages": {n: asdict(s) for n, s in cfg.stages.items()},
-        "rows_per_shard": cfg.rows_per_shard,
-        "packages": package_versions(),
-    }
-    if cfg.clip_score:
-        manifest["clip_score"] = {**clip_info, "reference": reference_column(cfg), "min": cfg.min_clip_score}
-    write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
-    if fs.exists(f"{root}/{SUCCESS}"):
-        fs.rm(f"{root}/{SUCCESS}")
+        manifest: dict[str, Any] = {
+            "identity": identity,
+            "status": "running",
+            "started": (previous or {}).get("started", now()),
+            "attempts": (previous or {}).get("attempts", 0) + 1,
+            "input_rows": plan.total_rows,
+            "bad_files": [list(b) for b in plan.bad_files],
+            "stages": {n: asdict(s) for n, s in cfg.stages.items()},
+            "rows_per_shard": cfg.rows_per_shard,
+            "packages": package_versions(),
+            "placement": placement_record(reservation),
+        }
+        if cfg.clip_score:
+            manifest["clip_score"] = {**clip_info, "reference": reference_column(cfg), "min": cfg.min_clip_score}
+        write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
+        if fs.exists(f"{root}/{SUCCESS}"):
+            fs.rm(f"{root}/{SUCCESS}")
 
-    sink = KarloDatasink(
-        cfg.output_url,
-        storage_options=cfg.storage_options,
-        image_format=cfg.image_format,
-        output_format=cfg.output_format,
-        rows_per_shard=cfg.rows_per_shard,
-        settings={
-            "model": model_id["model"],
-            **({} if variations else {"prior_steps": cfg.prior_steps}),
-            "decoder_steps": cfg.decoder_steps,
-            "super_res_steps": cfg.super_res_steps,
-        },
-        min_clip_score=cfg.min_clip_score,
-    )
-    remaining = plan.total_rows - len(done)
-    first_batch = None
-    if remaining > 0:
-        duplicates = find_duplicates(read_column(plan, C.ID)) if C.ID in plan.schema.names else {}
-        ds = read_prompts(plan)
-        ds = ds.map_batches(
-            prepare_and_skip,
-            batch_format="pyarrow",
-            num_cpus=0.25,
-            fn_kwargs=dict(
-                done=pa.array(sorted(done), pa.string()),
-                run_seed=cfg.seed,
-                decoder_guidance_scale=float(cfg.decoder_guidance_scale),
-                duplicates=duplicates,
-                **(dict(prepare=prepare_images, image_column=cfg.image_column, storage_options=cfg.storage_options)
-                   if variations else dict(prior_guidance_scale=float(cfg.prior_guidance_scale))),
-            ),
+        sink = KarloDatasink(
+            cfg.output_url,
+            storage_options=cfg.storage_options,
+            image_format=cfg.image_format,
+            output_format=cfg.output_format,
+            rows_per_shard=cfg.rows_per_shard,
+            settings={
+                "model": model_id["model"],
+                **({} if variations else {"prior_steps": cfg.prior_steps}),
+                "decoder_steps": cfg.decoder_steps,
+                "super_res_steps": cfg.super_res_steps,
+            },
+            min_clip_score=cfg.min_clip_score,
         )
-        ledger = crashes.new_ledger()
-        for name in cfg.stages:
-            ds = add_stage(ds, name, cfg.stages[name], cfg, clip_model if name == "clip_score" else model, ledger)
-        if variations:  # the decoder's guidance switch (always 1: no prior) is not a setting of the outputs
-            ds = ds.drop_columns([C.PRIOR_GUIDANCE_SCALE], num_cpus=0.25)
-        # A write task assembles the encoded files of a shard and uploads them: light CPU work, mostly waiting on
-        # storage. At most one per CPU, and as many encoders.
-        writers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        ds = add_encode(ds, cfg.image_format, max_actors=writers)
-        # Rows past the last model stage, for the progress line.
-        last_stage = list(cfg.stages)[-1]
-        with report_progress(cfg.output_url, cfg.storage_options, total=plan.total_rows,
-                             interval=progress_interval, write=echo,
-                             generated=lambda: ray.get(ledger.finished_rows.remote(last_stage), timeout=30)):
-            ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS}, concurrency=writers)
-        first_batch = _first_batch_began(ledger)
-    this_run = sink.result or SinkResult(0, 0, 0, 0)
+        remaining = plan.total_rows - len(done)
+        first_batch = None
+        if remaining > 0:
+            duplicates = find_duplicates(read_column(plan, C.ID)) if C.ID in plan.schema.names else {}
+            ds = read_prompts(plan)
+            ds = ds.map_batches(
+                prepare_and_skip,
+                batch_format="pyarrow",
+                num_cpus=0.25,
+                fn_kwargs=dict(
+                    done=pa.array(sorted(done), pa.string()),
+                    run_seed=cfg.seed,
+                    decoder_guidance_scale=float(cfg.decoder_guidance_scale),
+                    duplicates=duplicates,
+                    **(dict(prepare=prepare_images, image_column=cfg.image_column, storage_options=cfg.storage_options)
+                       if variations else dict(prior_guidance_scale=float(cfg.prior_guidance_scale))),
+                ),
+            )
+            ledger = crashes.new_ledger()
+            for name in cfg.stages:
+                ds = add_stage(ds, name, cfg.stages[name], cfg, clip_model if name == "clip_score" else model, ledger,
+                               reservation)
+            if variations:  # the decoder's guidance switch (always 1: no prior) is not a setting of the outputs
+                ds = ds.drop_columns([C.PRIOR_GUIDANCE_SCALE], num_cpus=0.25)
+            # A write task assembles the encoded files of a shard and uploads them: light CPU work, mostly waiting on
+            # storage. At most one per CPU, and as many encoders.
+            writers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            ds = add_encode(ds, cfg.image_format, max_actors=writers)
+            # Rows past the last model stage, for the progress line.
+            last_stage = list(cfg.stages)[-1]
+            with report_progress(cfg.output_url, cfg.storage_options, total=plan.total_rows,
+                                 interval=progress_interval, write=echo,
+                                 generated=lambda: ray.get(ledger.finished_rows.remote(last_stage), timeout=30)):
+                ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS}, concurrency=writers)
+            first_batch = _first_batch_began(ledger)
+            manifest["actors"] = _actor_placements(ledger)
+        this_run = sink.result or SinkResult(0, 0, 0, 0)
 
-    markers = committed_shards(cfg.output_url, cfg.storage_options)
-    total = SinkResult.from_markers(markers)
-    summary = RunSummary(
-        output_url=display_url(cfg.output_url),
-        rows_in=plan.total_rows,
-        written=total.rows,
-        errors=total.errors,
-        resumed=len(done),
-        shards=total.shards,
-        bad_files=list(plan.bad_files),
-        seconds=time.time() - started,
-        images_this_run=this_run.rows,
-        rejected=total.rejected,
-        start_up_seconds=None if first_batch is None else max(0.0, first_batch - started),
-    )
-    manifest.update(
-        status="complete" if summary.complete else "incomplete",
-        finished=now(),
-        counts={"input_rows": summary.rows_in, "written": summary.written, "errors": summary.errors,
-                "rejected": summary.rejected, "shards": summary.shards},
-        last_attempt={"seconds": round(summary.seconds, 3), "images": summary.images_this_run,
-                      "errors": this_run.errors, "rejected": this_run.rejected,
-                      "images_per_second": round(summary.images_per_second, 4),
-                      "start_up_seconds": _rounded(summary.start_up_seconds, 3),
-                      "images_per_second_after_start_up": _rounded(summary.images_per_second_after_start_up, 4)},
-    )
-    write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
-    if summary.complete:
-        write_json_atomic(fs, f"{root}/{SUCCESS}", {"finished": manifest["finished"]})
-    return summary
+        markers = committed_shards(cfg.output_url, cfg.storage_options)
+        total = SinkResult.from_markers(markers)
+        summary = RunSummary(
+            output_url=display_url(cfg.output_url),
+            rows_in=plan.total_rows,
+            written=total.rows,
+            errors=total.errors,
+            resumed=len(done),
+            shards=total.shards,
+            bad_files=list(plan.bad_files),
+            seconds=time.time() - started,
+            images_this_run=this_run.rows,
+            rejected=total.rejected,
+            start_up_seconds=None if first_batch is None else max(0.0, first_batch - started),
+        )
+        manifest.update(
+            status="complete" if summary.complete else "incomplete",
+            finished=now(),
+            counts={"input_rows": summary.rows_in, "written": summary.written, "errors": summary.errors,
+                    "rejected": summary.rejected, "shards": summary.shards},
+            last_attempt={"seconds": round(summary.seconds, 3), "images": summary.images_this_run,
+                          "errors": this_run.errors, "rejected": this_run.rejected,
+                          "images_per_second": round(summary.images_per_second, 4),
+                          "start_up_seconds": _rounded(summary.start_up_seconds, 3),
+                          "images_per_second_after_start_up": _rounded(summary.images_per_second_after_start_up, 4)},
+        )
+        write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
+        if summary.complete:
+            write_json_atomic(fs, f"{root}/{SUCCESS}", {"finished": manifest["finished"]})
+        return summary
 
 
 def _first_batch_began(ledger: ray.actor.ActorHandle) -> float | None:
@@ -323,6 +347,15 @@ def _first_batch_began(ledger: ray.actor.ActorHandle) -> float | None:
         logger.warning("the crash ledger did not say when the first batch began; no start-up time is reported")
         return None
     return None if ago is None else time.time() - ago
+
+
+def _actor_placements(ledger: ray.actor.ActorHandle) -> list[dict[str, Any]]:
+    """Where each stage actor ran (node, GPU indices, process), restarts included; empty if the ledger cannot say."""
+    try:
+        return ray.get(ledger.placements.remote(), timeout=30)
+    except ray.exceptions.RayError:
+        logger.warning("the crash ledger did not say where the stage actors ran; the manifest leaves them out")
+        return []
 
 
 def _rounded(value: float | None, digits: int) -> float | None:

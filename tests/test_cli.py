@@ -130,7 +130,8 @@ def test_gpu_stages_without_gpus_fail_before_any_work(tmp_path, ray_local, tiny_
     path.write_text("defaults: {device: cuda}\n")
     out = tmp_path / "out"
     result = karlo("generate", str(EXAMPLE), str(out), "--model", tiny_model, "--stage-config", str(path))
-    assert_usage_error(result, "error: stage prior asks for 0.08 GPU per actor but the Ray cluster has 0 GPUs")
+    assert_usage_error(result, "error: the stage actors need 1 GPU (prior 1 x 0.08, decoder 1 x 0.3, super_res 1 x 0.6 GPU per actor, "
+                                     "packed so that each GPU holds its share of every stage) but the Ray cluster has 0")
     assert not out.exists() or not any(out.iterdir())
 
 

@@ -1,0 +1,77 @@
+"""``karlo generate --dry-run``: everything a run would check and reserve, reported, and nothing written to OUTPUT.
+
+The report has the placement ``karlo plan`` prints (pipeline.placement.layout: the reservation is made and
+released), the input plan (files, rows, unreadable files), and what the run would do with OUTPUT: resume the rows
+already committed, or refuse because OUTPUT holds a run with other settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Callable
+
+from .config import RunConfig
+from .manifest import MANIFEST, differences, identity_of_run, model_identity
+from .placement import layout
+from .reader import display_url, plan_inputs
+from .sinks import committed_keys, output_filesystem
+from .variations import check_model_kind, image_column_check
+
+
+def dry_run(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
+    """The report of a dry run of ``cfg``; raises what ``run`` raises for unusable input, model or settings."""
+    from .run import check_resources, default_model, init_ray
+
+    variations = cfg.task == "variations"
+    plan = plan_inputs(cfg.input_url, cfg.storage_options, cfg.rows_per_read_task,
+                       check_columns=image_column_check(cfg.image_column) if variations else None)
+    model = cfg.model or default_model(variations)
+    model_id = model_identity(model, cfg.storage_options)
+    check_model_kind(cfg.task, model_id)
+    identity = identity_of_run(cfg.input_url, model_id, cfg.output_settings())
+    init_ray(echo)
+    check_resources(cfg)
+    placement = layout(cfg.stages, timeout=cfg.placement_timeout)
+
+    fs, root = output_filesystem(cfg.output_url, cfg.storage_options)
+    conflict: list[str] = []
+    if fs.exists(f"{root}/{MANIFEST}"):
+        conflict = differences(json.loads(fs.cat_file(f"{root}/{MANIFEST}")).get("identity", {}), identity)
+    committed = 0 if conflict or not fs.exists(root) else len(committed_keys(cfg.output_url, cfg.storage_options))
+    remaining = plan.total_rows - committed
+    return {
+        "placement": placement,
+        "input": {
+            "url": plan.url,
+            "files": [{"source": f.source, "rows": f.num_rows} for f in plan.files],
+            "rows": plan.total_rows,
+            "bad_files": [list(b) for b in plan.bad_files],
+        },
+        "output": {
+            "url": display_url(cfg.output_url),
+            "conflict": conflict,  # a non-empty list: the run would be refused without --overwrite
+            "rows_committed": committed,
+            "rows_to_generate": remaining if not conflict or cfg.overwrite else 0,
+            # Shards are cut per write task, so a run writes at least this many (one more per task that ends with
+            # part of a shard).
+            "shards_to_write": math.ceil(remaining / cfg.rows_per_shard) if remaining > 0 else 0,
+        },
+    }
+
+
+def format_dry_run(report: dict[str, Any]) -> str:
+    from .placement import format_layout
+
+    inp, out = report["input"], report["output"]
+    lines = [format_layout(report["placement"]),
+             f"input {inp['url']}: {len(inp['files'])} file(s), {inp['rows']} rows"]
+    lines += [f"  unreadable: {source}: {reason}" for source, reason in inp["bad_files"]]
+    if out["conflict"]:
+        lines.append(f"output {out['url']}: holds a run with different settings ({'; '.join(out['conflict'][:5])}); "
+                     "the run would be refused without --overwrite")
+    else:
+        lines.append(f"output {out['url']}: {out['rows_committed']} rows already committed, "
+                     f"{out['rows_to_generate']} to generate in at least {out['shards_to_write']} shard(s)")
+    lines.append("dry run: nothing was written")
+    return "\n".join(lines)
