@@ -182,12 +182,16 @@ def plan_cmd(stage_config, device, dtype, clip_score, variations, placement_time
         # The stages of a run; its input and output play no part in placement.
         cfg = RunConfig(input_url="-", output_url="-", device=device, dtype=dtype, stages=stages,
                         clip_score=clip_score, task="variations" if variations else "generate")
-        init_ray(lambda m: click.echo(m, err=True))
-        check_resources(cfg)
     except ConfigError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    init_ray(lambda m: click.echo(m, err=True))
     report = layout(cfg.stages, timeout=placement_timeout)
+    if not report["error"]:
+        try:
+            check_resources(cfg)
+        except ConfigError as e:
+            report["error"] = str(e)
     click.echo(json.dumps(report, indent=2) if as_json else format_layout(report))
     if report["error"]:
         if as_json:

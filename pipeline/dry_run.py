@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from .config import RunConfig
 from .manifest import MANIFEST, differences, identity_of_run, model_identity
-from .placement import layout
+from .placement import PlacementError, layout
 from .reader import display_url, plan_inputs
 from .sinks import committed_keys, output_filesystem
 from .variations import check_model_kind, image_column_check
@@ -31,8 +31,10 @@ def dry_run(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
     check_model_kind(cfg.task, model_id)
     identity = identity_of_run(cfg.input_url, model_id, cfg.output_settings())
     init_ray(echo)
-    check_resources(cfg)
     placement = layout(cfg.stages, timeout=cfg.placement_timeout)
+    if placement["error"]:
+        raise PlacementError(placement["error"])
+    check_resources(cfg)
 
     fs, root = output_filesystem(cfg.output_url, cfg.storage_options)
     conflict: list[str] = []

@@ -225,8 +225,8 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
         clip_info = check_tower(clip_model, model, cfg.storage_options)
     # Before OUTPUT is touched: a run that cannot be placed must not leave a manifest that refuses the fixed rerun.
     init_ray(echo)
-    check_resources(cfg)
     with reserved(cfg.stages, timeout=cfg.placement_timeout, echo=echo) as reservation:
+        check_resources(cfg)
         fs, root, previous = _open_output(cfg, identity)
 
         removed = remove_uncommitted(cfg.output_url, cfg.storage_options)

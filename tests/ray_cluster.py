@@ -76,9 +76,13 @@ class LocalCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.gcs_port}"
 
-    def client_env(self, **extra: str) -> dict[str, str]:
-        """The environment of a driver that joins this cluster."""
-        return {**_base_env(), "RAY_ADDRESS": self.address, **extra}
+    def client_env(self, *, by_address: bool = True, **extra: str) -> dict[str, str]:
+        """The environment of a driver that joins this cluster: through RAY_ADDRESS, or (``by_address=False``) as
+        the cluster `ray start` recorded on this machine, which is how ``ray.init()`` finds it."""
+        env = {**_base_env(), "RAY_TMPDIR": str(self.temp), **extra}
+        if by_address:
+            env["RAY_ADDRESS"] = self.address
+        return env
 
     def _start(self, name: str, args: list[str], env: dict[str, str]) -> Node:
         ports = free_ports(7)
@@ -99,12 +103,16 @@ class LocalCluster:
         self.nodes.append(node)
         return node
 
+    def _node_env(self, env: dict[str, str] | None) -> dict[str, str]:
+        # RAY_TMPDIR: the cluster's sessions, sockets and the address file of `ray start` stay in its own folder.
+        return {**_base_env(), "RAY_TMPDIR": str(self.temp), **(env or {})}
+
     def add_node(self, *, cpus: float, gpus: int = 0, env: dict[str, str] | None = None,
                  wait: bool = True) -> Node:
         """Start a worker node; with ``wait``, return once the cluster counts it."""
         before = self.alive_nodes()
         node = self._start(f"node{len(self.nodes)}", ["--address", self.address, "--num-cpus", f"{cpus:g}",
-                                                      "--num-gpus", str(gpus)], {**_base_env(), **(env or {})})
+                                                      "--num-gpus", str(gpus)], self._node_env(env))
         if wait:
             self.wait_for_nodes(before + 1, node)
         return node
@@ -147,8 +155,8 @@ def local_cluster(head_cpus: float = 2, head_gpus: int = 0, head_env: dict[str, 
     cluster = LocalCluster(temp, gcs)
     try:
         head = cluster._start("head", ["--head", "--port", str(gcs), "--include-dashboard", "false",
-                                       "--num-cpus", f"{head_cpus:g}", "--num-gpus", str(head_gpus),
-                                       "--temp-dir", str(temp / "ray")], {**_base_env(), **(head_env or {})})
+                                       "--num-cpus", f"{head_cpus:g}", "--num-gpus", str(head_gpus)],
+                              cluster._node_env(head_env))
         cluster.wait_for_nodes(1, head)
         yield cluster
     finally:
