@@ -13,6 +13,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline_utils import PROMPTS, read_output, write_table
@@ -41,7 +42,8 @@ def assert_every_gpu_holds_one_of_each(report: dict, nodes: dict[int, int]) -> N
     reserved = [node for node in report["nodes"] if node["gpus"]]
     assert Counter(len(node["gpus"]) for node in reserved) == nodes
     for node in reserved:
-        assert sorted(gpu["index"] for gpu in node["gpus"]) == list(range(node["gpus_total"]))
+        indices = [gpu["index"] for gpu in node["gpus"]]
+        assert len(set(indices)) == len(indices) and set(indices) <= set(range(node["gpus_total"]))
         for gpu in node["gpus"]:
             assert gpu["actors"] == {"super_res": 1, "decoder": 1, "prior": 1}
             assert gpu["share"] == pytest.approx(0.98)
@@ -160,13 +162,55 @@ def test_plan_one_node_of_eight_gpus(one_node_of_eight):
 
 
 def test_plan_eight_nodes_of_eight_gpus(tmp_path):
-    """gpu-64.yaml on 8 x 8: every GPU of every node holds one actor of each stage. (Light nodes: 24 CPUs each
-    for the 24 one-CPU stage actors.)"""
-    with local_cluster(head_cpus=24, head_gpus=8) as cluster:
+    """gpu-64.yaml on 8 x 8: every GPU of every node holds one actor of each stage. (Light nodes: 26 CPUs each,
+    for the 24 one-CPU stage actors and the read tasks.)"""
+    with local_cluster(head_cpus=26, head_gpus=8) as cluster:
         for _ in range(6):
-            cluster.add_node(cpus=24, gpus=8, wait=False)
-        cluster.add_node(cpus=24, gpus=8)
+            cluster.add_node(cpus=26, gpus=8, wait=False)
+        cluster.add_node(cpus=26, gpus=8)
         cluster.wait_for_nodes(8, cluster.nodes[-1])
         rc, report, err = plan_json(cluster.client_env(), "gpu-64.yaml")
     assert rc == 0, err
     assert_every_gpu_holds_one_of_each(report, {8: 8})
+
+
+KILL_IDS = [f"row-{i:02d}" for i in range(12)]
+KILL_SEEDS = [3000 + 11 * i for i in range(12)]
+# Two actors per stage, one row per batch: actors on both nodes, and every image equals Karlo.generate of its row
+# alone (bit for bit), whichever actor or attempt made it.
+TWO_ACTOR_STAGES = "".join(f"{name}: {{batch_size: 1, actors: 2}}\n" for name in STAGES)
+
+
+def test_worker_node_killed_mid_run_loses_and_duplicates_nothing(tmp_path, tiny_model):
+    """kill -9 of every process of the second node once the first shard is committed: the run completes, or its
+    rerun does, with every row exactly once and every image what an uninterrupted run makes."""
+    from processes import FEW_STEPS, generate, run_generate, wait_until
+
+    prompts = [PROMPTS[i % len(PROMPTS)] + f", view {i}" for i in range(len(KILL_IDS))]
+    table = write_table(tmp_path / "prompts.parquet", id=KILL_IDS, prompt=prompts, seed=KILL_SEEDS)
+    stages = tmp_path / "stages.yaml"
+    stages.write_text(TWO_ACTOR_STAGES)
+    out = tmp_path / "out"
+    args = [str(table), str(out), "--model", tiny_model, *FEW_STEPS, "--rows-per-shard", "2", "--stage-config",
+            str(stages), "--progress-interval", "0"]
+    with local_cluster(head_cpus=2) as cluster:
+        worker = cluster.add_node(cpus=2)
+        env = cluster.client_env()
+        with generate(args, tmp_path / "first.log", env) as g:
+            wait_until(lambda: len(list((out / "_commits").glob("*.json"))) >= 1 if (out / "_commits").is_dir()
+                       else False, g, timeout=400, what="first commit")
+            assert any("ray::" in " ".join(p.cmdline()) for p in worker.processes()), "no worker ran on node 2"
+            worker.kill()
+            rc = g.wait(timeout=500)
+        if rc != 0:  # the attempt may fail with the node; the rerun must finish
+            rc, second = run_generate(args, tmp_path / "second.log", env, timeout=500)
+            assert rc == 0, second[-5000:]
+    result = read_output(out)
+    assert sorted(result.keys) == KILL_IDS and result.errors.num_rows == 0
+    assert sum(m["rows"] for m in result.markers) == len(KILL_IDS)
+    from pipeline_utils import reference
+
+    expected, _, _ = reference(tiny_model, prompts, KILL_SEEDS, threads=1)
+    images = result.images()
+    for key, image in zip(KILL_IDS, expected):
+        np.testing.assert_array_equal(images[key], image, err_msg=key)
