@@ -33,6 +33,7 @@ class FaultyS3Proxy:
         self.writes = 0
         self.injected: list[str] = []  # what was done to which request, for the tests to check
         self.copies: list[str] = []  # server-side copies (how S3 clients "rename"), passed on but recorded
+        self.object_reads: list[str] = []  # paths of object GETs (not listings), passed on but recorded
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -56,6 +57,9 @@ class FaultyS3Proxy:
             found = _ACCESS_KEY.search(headers.get("Authorization", ""))
             if not found or found.group(1) != self.access_key:
                 return "deny"
+        if method == "GET" and not urlsplit(path).query:
+            with self._lock:
+                self.object_reads.append(urlsplit(path).path)
         if method not in ("PUT", "POST"):
             return None
         with self._lock:

@@ -214,3 +214,42 @@ def test_worker_node_killed_mid_run_loses_and_duplicates_nothing(tmp_path, tiny_
     images = result.images()
     for key, image in zip(KILL_IDS, expected):
         np.testing.assert_array_equal(images[key], image, err_msg=key)
+
+
+def test_remote_model_is_downloaded_once_per_node(tmp_path, tiny_model, s3_bucket):
+    """A model on S3 and three nodes, each with its own cache (its own disk): every weight file is fetched once
+    per node that runs a stage needing it, however many of that stage's actors start there together, and no
+    actor loads a half-written copy (every load is strict: a partial file fails it)."""
+    from s3_proxy import FaultyS3Proxy
+
+    s3_bucket.fs.put(tiny_model, f"{s3_bucket.url}/models/tiny", recursive=True)
+    table = write_table(tmp_path / "prompts.parquet", prompt=PROMPTS[:6])
+    stages = tmp_path / "stages.yaml"
+    # Four decoders on three nodes: some node runs two or more of them, starting at once.
+    stages.write_text("prior: {batch_size: 2, actors: 1}\ndecoder: {batch_size: 2, actors: 4}\n"
+                      "super_res: {batch_size: 2, actors: 1}\n")
+    caches = [tmp_path / f"cache-{i}" for i in range(3)]
+    with FaultyS3Proxy(s3_bucket.endpoint) as proxy, local_cluster(
+            head_cpus=2, head_env={"KARLO_CACHE": str(caches[0]), "AWS_ENDPOINT_URL": proxy.url}) as cluster:
+        for cache in caches[1:]:
+            cluster.add_node(cpus=2, env={"KARLO_CACHE": str(cache), "AWS_ENDPOINT_URL": proxy.url})
+        env = cluster.client_env(KARLO_CACHE=str(caches[0]), AWS_ENDPOINT_URL=proxy.url)
+        result = karlo(env, "generate", str(table), str(tmp_path / "out"), "--model", f"{s3_bucket.url}/models/tiny",
+                       "--prior-steps", "2", "--decoder-steps", "2", "--super-res-steps", "2", "--stage-config",
+                       str(stages), "--progress-interval", "0")
+        assert result.returncode == 0, result.stderr[-5000:]
+        reads = Counter(proxy.object_reads)
+    out = read_output(tmp_path / "out")
+    assert len(out.keys) == 6
+    nodes_per_stage = {s: {a["node_id"] for a in out.manifest["actors"] if a["stage"] == s} for s in STAGES}
+    assert max(Counter((a["stage"], a["node_id"]) for a in out.manifest["actors"]).values()) >= 2
+    weight_files = sorted(p.relative_to(tiny_model).as_posix() for p in Path(tiny_model).rglob("*.safetensors"))
+    for rel in weight_files:
+        copies = [c for c in caches if any(p.is_file() for p in c.glob(f"models/*/{rel}"))]
+        fetched = reads[f"/{s3_bucket.url.removeprefix('s3://')}/models/tiny/{rel}"]
+        assert fetched == len(copies), (rel, fetched, len(copies))
+        assert fetched <= 3
+    assert sum(reads[f"/{s3_bucket.url.removeprefix('s3://')}/models/tiny/{rel}"] for rel in weight_files) >= \
+        len(weight_files)
+    assert len(set().union(*nodes_per_stage.values())) >= 2  # the stages ran on more than one node
+    assert not [p for c in caches for p in c.rglob(".tmp-*")]
