@@ -253,3 +253,30 @@ def test_remote_model_is_downloaded_once_per_node(tmp_path, tiny_model, s3_bucke
         len(weight_files)
     assert len(set().union(*nodes_per_stage.values())) >= 2  # the stages ran on more than one node
     assert not [p for c in caches for p in c.rglob(".tmp-*")]
+
+
+def test_node_that_joins_mid_run_gets_actors_of_autoscaling_pools(tmp_path, tiny_model):
+    """An autoscaling decoder pool that has outgrown the head's CPUs: a node that joins mid-run runs some of its
+    actors (as the manifest records), and every row is still written once."""
+    from processes import generate, wait_until
+
+    table = write_table(tmp_path / "prompts.parquet", prompt=(PROMPTS * 4)[:24])
+    stages = tmp_path / "stages.yaml"
+    # The head (2 CPUs) holds the prior, super-res and encoder and one or two 0.5-CPU decoders; the pool may grow to 6.
+    stages.write_text("prior: {batch_size: 4, actors: 1}\ndecoder: {batch_size: 1, actors: [1, 6], num_cpus: 0.5}\n"
+                      "super_res: {batch_size: 4, actors: 1}\n")
+    out = tmp_path / "out"
+    args = [str(table), str(out), "--model", tiny_model, "--prior-steps", "2", "--decoder-steps", "25",
+            "--super-res-steps", "2", "--stage-config", str(stages), "--progress-interval", "0"]
+    with local_cluster(head_cpus=2) as cluster:
+        with generate(args, tmp_path / "run.log", cluster.client_env()) as g:
+            wait_until(lambda: "started" in g.output() or "MapBatches" in g.output(), g, timeout=300,
+                       what="the pipeline's start")
+            joined = cluster.add_node(cpus=2, wait=False)
+            rc = g.wait(timeout=600)
+            assert rc == 0, g.output()[-5000:]
+        assert joined.proc.poll() is None
+        result = read_output(out)
+    assert len(result.keys) == 24 and result.errors.num_rows == 0
+    nodes = {a["node_id"] for a in result.manifest["actors"] if a["stage"] == "decoder"}
+    assert len(nodes) == 2, result.manifest["actors"]
