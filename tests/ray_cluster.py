@@ -34,7 +34,7 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def worker_port_range(taken: list[int], width: int = 100) -> int:
+def worker_port_range(taken: list[int], width: int = 200) -> int:
     """The first of `width` + 1 worker ports, clear of the `taken` component ports: Ray refuses to start when a
     component's port falls inside a node's worker range."""
     while True:
@@ -92,7 +92,7 @@ class LocalCluster:
                "--object-manager-port", str(objects), "--node-manager-port", str(nodes),
                "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
                "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
-               "--min-worker-port", str(workers), "--max-worker-port", str(workers + 100),
+               "--min-worker-port", str(workers), "--max-worker-port", str(workers + 200),
                "--object-store-memory", str(200 * 1024**2), *args]
         if "--head" in args:
             cmd += ["--ray-client-server-port", str(client)]

@@ -9,7 +9,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,28 +22,10 @@ from click.testing import CliRunner
 from jobs.cli import main
 from jobs.submit import PACKAGES, entrypoint, runtime_env
 from pipeline_utils import PROMPTS, read_output, write_table
+from ray_cluster import free_ports, worker_port_range
 
 KARLO = str(Path(sys.executable).with_name("karlo"))
 FEW_STEPS = ["--prior-steps", "3", "--decoder-steps", "3", "--super-res-steps", "2"]
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def worker_port_range(taken: list[int], width: int = 200) -> int:
-    """The first of `width` + 1 worker ports, free when picked and clear of the `taken` component ports: Ray refuses
-    to start when a component's port falls inside its workers' range."""
-    while True:
-        start = free_ports(1)[0]
-        if start + width <= 65535 and not any(start <= port <= start + width for port in taken):
-            return start
 
 
 class RayHead:
