@@ -100,8 +100,8 @@ def test_bad_rows_ids_seeds_and_files_in_one_input(tmp_path, ray_local, tiny_mod
         ("a.parquet", 9): "prompt is null",
         ("a.parquet", 10): "prompt is empty",
         ("a.parquet", 11): "prompt is only whitespace",
-        ("b.parquet", 0): "duplicate id 'twin': an earlier row has the same key 'twin'",
-        ("b.parquet", 1): "duplicate id 'good-0': an earlier row has the same key 'good-0'",
+        ("b.parquet", 0): "duplicate id 'twin': row 8 of 'a.parquet' has the same key 'twin'",
+        ("b.parquet", 1): "duplicate id 'good-0': row 0 of 'a.parquet' has the same key 'good-0'",
         ("b.parquet", 2): f"seed must be an integer in [0, 2**63), got {SEED_LIMIT}",
     }
     assert {r["error_stage"] for r in errors.values()} == {"prepare"}
@@ -123,6 +123,27 @@ def test_bad_rows_ids_seeds_and_files_in_one_input(tmp_path, ray_local, tiny_mod
     assert again.exit_code == 3, again.output
     assert "resuming: 15 of 15 rows are already committed" in again.output
     assert_accounted(read_output(out), 15)
+
+
+def test_ids_spelled_like_the_keys_of_other_rows(tmp_path, ray_local, tiny_model):
+    """Ids spelled like another row's derived key or sanitised id get keys of their own; a real repeat is an
+    error row naming the first row. One row per shard, where a shared key would also share the shard id, and a
+    rerun resumes with every row committed once."""
+    from pipeline.schema import derive_key, key_from_id
+
+    ids = [None, derive_key("t.parquet", 0), "a b", key_from_id("a b"), "dup", "dup"]
+    table = write_table(tmp_path / "in" / "t.parquet", id=pa.array(ids, pa.string()), prompt=PROMPTS[: len(ids)])
+    out = tmp_path / "out"
+    for attempt in range(2):
+        result = karlo(str(table), str(out), "--model", tiny_model, *FEW_STEPS, "--rows-per-shard", "1")
+        assert result.exit_code == 3, result.output
+        assert "Traceback" not in result.output
+        o = read_output(out)
+        assert_accounted(o, len(ids))
+        assert [(r["source_row"], r["error"]) for r in o.errors.to_pylist()] == [
+            (5, "duplicate id 'dup': row 4 of 't.parquet' has the same key 'dup'")]
+        assert not [p for p in out.rglob(".tmp-*")]
+    assert "resuming: 6 of 6 rows are already committed" in result.output
 
 
 def test_values_of_the_wrong_type_become_error_rows(tmp_path, ray_local, tiny_model):
@@ -288,17 +309,17 @@ def test_repeats_across_batches_are_found_on_the_driver():
 
     ids = [("a.parquet", ["k", "j", None, 7]), ("b.parquet", ["7", "k", "", None, "k"])]
     duplicates = find_duplicates(ids)
-    assert duplicates == {"b.parquet": frozenset({0, 1, 4})}
+    assert duplicates == {"b.parquet": {0: ("a.parquet", 3), 1: ("a.parquet", 0), 4: ("a.parquet", 0)}}
     batch = pa.table({C.PROMPT: ["p"] * 5, C.ID: ["7", "k", "", None, "k"], C.SOURCE: ["b.parquet"] * 5,
                       C.SOURCE_ROW: pa.array(range(5), pa.int64())})
     out = prepare_batch(batch, run_seed=0, prior_guidance_scale=4.0, decoder_guidance_scale=8.0,
                         duplicates=duplicates)
     assert out.column(C.ERROR).to_pylist() == [
-        "duplicate id '7': an earlier row has the same key '7'",
-        "duplicate id 'k': an earlier row has the same key 'k'",
+        "duplicate id '7': row 3 of 'a.parquet' has the same key '7'",
+        "duplicate id 'k': row 0 of 'a.parquet' has the same key 'k'",
         "id is empty",
         "",
-        "duplicate id 'k': an earlier row has the same key 'k'",
+        "duplicate id 'k': row 0 of 'a.parquet' has the same key 'k'",
     ]
     keys = out.column(C.KEY).to_pylist()
     assert keys[:3] == [derive_key("b.parquet", i) for i in range(3)] and len(set(keys)) == 5
