@@ -49,6 +49,7 @@ from .sinks import (
     check_writable,
     committed_keys,
     committed_shards,
+    damaged_sources,
     output_filesystem,
     remove_uncommitted,
     write_json_atomic,
@@ -291,7 +292,8 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
         errors=total.errors,
         resumed=len(done),
         shards=total.shards,
-        bad_files=list(plan.bad_files),
+        # Files whose footers parse but some data pages do not: their rows are error rows, the files named too.
+        bad_files=[*plan.bad_files, *damaged_sources(cfg.output_url, cfg.storage_options)],
         seconds=time.time() - started,
         images_this_run=this_run.rows,
         rejected=total.rejected,
@@ -299,6 +301,7 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
     )
     manifest.update(
         status="complete" if summary.complete else "incomplete",
+        bad_files=[list(b) for b in summary.bad_files],
         finished=now(),
         counts={"input_rows": summary.rows_in, "written": summary.written, "errors": summary.errors,
                 "rejected": summary.rejected, "shards": summary.shards},

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from pipeline import columns as C
 
 PREPARE = "prepare"  # the error_stage of rows rejected here
+READ = "read"  # the error_stage of rows whose data the reader could not decode (pipeline.reader)
 
 SEED_LIMIT = 2**63  # seeds are non-negative int64
 # An id used as a key verbatim: safe as a file-name stem everywhere (no '/', no '.'), and not starting with '-',
@@ -130,7 +131,8 @@ def prepare_batch(
     """Add key, seed, negative_prompt, both guidance scales, error and error_stage to a reader batch.
 
     A row repeating the key of an earlier row of the batch, or listed in ``duplicates`` (from
-    :func:`find_duplicates`, for repeats across batches), is an error row.
+    :func:`find_duplicates`, for repeats across batches), is an error row; so is a row the reader could not
+    decode, under its derived key (its values are all null).
     """
     duplicates = duplicates or {}
     n = table.num_rows
@@ -139,17 +141,21 @@ def prepare_batch(
         table.column(C.PROMPT).to_pylist(),
         table.column(C.SOURCE).to_pylist(),
         table.column(C.SOURCE_ROW).to_pylist(),
-        *(table.column(name).to_pylist() if name in table.column_names else [None] * n for name in given),
+        *(table.column(name).to_pylist() if name in table.column_names else [None] * n
+          for name in (*given, C.READ_ERROR)),
     )
     out: dict[str, list] = {name: [] for name in _OUTPUT_TYPES}
     used: dict[str, Origin] = {}
-    for prompt, source, source_row, ident, seed, negative, prior, decoder in rows:
+    for prompt, source, source_row, ident, seed, negative, prior, decoder, read_error in rows:
         reasons: list[str] = []
-        _check_prompt(prompt, reasons)
+        if read_error is None:
+            _check_prompt(prompt, reasons)
+        else:  # nothing of the row was read, its values are null: its key is the derived one
+            reasons.append(read_error)
         key, reason = row_key(ident, source, source_row)
         if reason:
             reasons.append(reason)
-        elif (first := duplicates.get(source, {}).get(source_row) or used.get(key)) is not None:
+        elif read_error is None and (first := duplicates.get(source, {}).get(source_row) or used.get(key)):
             # The duplicate takes its derived key, so that keys stay unique across good and error rows.
             reasons.append(f"duplicate id {_show(ident)}: row {first[1]} of {first[0]!r} has the same key {key!r}")
             key = derive_key(source, source_row)
@@ -162,13 +168,14 @@ def prepare_batch(
             _guidance(C.DECODER_GUIDANCE_SCALE, decoder, decoder_guidance_scale, reasons),
         )
         error = "; ".join(reasons)
-        for name, value in zip(_OUTPUT_TYPES, (*values, error, PREPARE if error else "")):
+        stage = READ if read_error is not None else PREPARE if error else ""
+        for name, value in zip(_OUTPUT_TYPES, (*values, error, stage)):
             out[name].append(value)
     for name, typ in _OUTPUT_TYPES.items():
         column = pa.array(out[name], typ)
         index = table.schema.get_field_index(name)
         table = table.set_column(index, name, column) if index >= 0 else table.append_column(name, column)
-    return table
+    return table.drop_columns([C.READ_ERROR]) if C.READ_ERROR in table.column_names else table
 
 
 def _check_prompt(prompt: object, reasons: list[str]) -> None:

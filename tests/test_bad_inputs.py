@@ -146,6 +146,30 @@ def test_ids_spelled_like_the_keys_of_other_rows(tmp_path, ray_local, tiny_model
     assert "resuming: 6 of 6 rows are already committed" in result.output
 
 
+def test_damaged_data_pages_behind_a_sound_footer(tmp_path, ray_local, tiny_model):
+    """The plan reads footers only, so a file with damaged pages is found by its read task: its rows become error
+    rows and the file is named as unreadable, while the other file's rows are generated; a rerun says the same."""
+    import pyarrow.parquet as pq
+
+    write_table(tmp_path / "in" / "a.parquet", prompt=PROMPTS[:2])
+    damaged = write_table(tmp_path / "in" / "b.parquet", prompt=[p * 20 for p in PROMPTS[:3]])
+    data = bytearray(damaged.read_bytes())
+    start = pq.ParquetFile(damaged).metadata.row_group(0).column(0).data_page_offset
+    data[start : start + 64] = bytes(b ^ 0x5A for b in data[start : start + 64])
+    damaged.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    for _ in range(2):
+        result = karlo(str(tmp_path / "in"), str(out), "--model", tiny_model, *FEW_STEPS)
+        assert result.exit_code == 3, result.output
+        assert "Traceback" not in result.output
+        assert "unreadable file  b.parquet: damaged Parquet data: OSError: " in result.output
+        o = read_output(out)
+        assert_accounted(o, 5)
+        assert sorted(o.metadata.column("source").to_pylist()) == ["a.parquet"] * 2
+        assert {(r["source"], r["error_stage"]) for r in o.errors.to_pylist()} == {("b.parquet", "read")}
+        assert [b[0] for b in o.manifest["bad_files"]] == ["b.parquet"]
+
+
 def test_values_of_the_wrong_type_become_error_rows(tmp_path, ray_local, tiny_model):
     table = write_table(tmp_path / "t.parquet", prompt=[5, 6], seed=[1.5, 2.0])
     out = tmp_path / "out"
