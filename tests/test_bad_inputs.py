@@ -170,6 +170,35 @@ def test_damaged_data_pages_behind_a_sound_footer(tmp_path, ray_local, tiny_mode
         assert [b[0] for b in o.manifest["bad_files"]] == ["b.parquet"]
 
 
+@pytest.mark.parametrize("order", [(0, 1, 2, 3, 4, 5, 6, 7), (7, 6, 5, 4, 3, 2, 1, 0), (3, 0, 6, 1, 4, 7, 2, 5)])
+def test_guidance_values_that_are_not_finite_numbers_one_row_per_block(tmp_path, ray_local, tiny_model, order):
+    """NaN, infinite and negative guidance scales are error rows on the first run, whatever the order of the rows
+    and however they fall into blocks: one row per read task, batch and shard, so some blocks hold only error
+    rows, some only nulls in the guidance columns."""
+    from pipeline.config import ALL_STAGE_NAMES, RunConfig, load_stage_config_file
+    from pipeline.run import run
+    from processes import ONE_ROW_STAGES
+
+    nan, inf = float("nan"), float("inf")
+    prior = [nan, inf, -1.0, None, 4.0, None, -inf, 2.0]
+    decoder = [None, 8.0, None, nan, -0.5, inf, None, 1.0]
+    table = write_table(tmp_path / "t.parquet", id=[f"r{i}" for i in order], prompt=[PROMPTS[i] for i in order],
+                        prior_guidance_scale=pa.array([prior[i] for i in order], pa.float64()),
+                        decoder_guidance_scale=pa.array([decoder[i] for i in order], pa.float64()))
+    out = tmp_path / "out"
+    cfg = RunConfig(input_url=str(table), output_url=str(out), model=tiny_model, prior_steps=3, decoder_steps=3,
+                    super_res_steps=2, rows_per_read_task=1, rows_per_shard=1,
+                    stages=load_stage_config_file(ONE_ROW_STAGES, "cpu", "float32", ALL_STAGE_NAMES))
+    summary = run(cfg)
+    assert (summary.rows_in, summary.written, summary.errors) == (8, 1, 7)
+    o = read_output(out)
+    assert_accounted(o, 8)
+    assert o.keys == ["r7"]
+    errors = {r["key"]: r["error"] for r in o.errors.to_pylist()}
+    assert errors["r0"] == "prior_guidance_scale must be a finite number >= 0, got nan"
+    assert errors["r4"] == "decoder_guidance_scale must be a finite number >= 0, got -0.5"
+
+
 def test_values_of_the_wrong_type_become_error_rows(tmp_path, ray_local, tiny_model):
     table = write_table(tmp_path / "t.parquet", prompt=[5, 6], seed=[1.5, 2.0])
     out = tmp_path / "out"
