@@ -271,6 +271,38 @@ def test_damaged_model(tmp_path, tiny_model, damage):
     assert_usage_error(result, f"error: model {model}: {message}", tmp_path / "out")
 
 
+def _touch_marker(path: str) -> None:  # what a malicious pickle would run
+    Path(path).write_text("code ran")
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (_touch_marker, (self.marker,))
+
+
+def test_model_with_a_pickle_that_runs_code(tmp_path, tiny_model):
+    """Refused on the driver like every other damaged model (exit 2, one line, before Ray starts and before
+    OUTPUT holds a manifest that would refuse the fixed model as other settings), without running the payload."""
+    import torch
+    from safetensors.torch import load_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    weights = model / "decoder" / "diffusion_pytorch_model.safetensors"
+    marker = tmp_path / "marker"
+    torch.save({**load_file(str(weights)), "payload": _Payload(marker)}, weights.with_suffix(".bin"))
+    weights.unlink()
+    table = write_table(tmp_path / "t.parquet", prompt=["a cat"])
+    result = karlo(str(table), str(tmp_path / "out"), "--model", str(model), *FEW_STEPS)
+    assert_usage_error(result, f"error: model {model}: decoder/diffusion_pytorch_model.bin: refusing to load, the "
+                               "file needs unpickling of arbitrary Python objects", tmp_path / "out")
+    assert len(result.output.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
 def test_wrong_s3_credentials(tmp_path, s3_bucket, monkeypatch):
     """Storage that refuses our access key: a clear message naming INPUT or OUTPUT, never the secret."""
     import s3fs
