@@ -30,10 +30,11 @@ from .config import ConfigError, RunConfig
 from .encode import ENCODE_CPUS, add_encode
 from .manifest import MANIFEST, SUCCESS, differences, identity_of_run, model_identity, now, package_versions
 from .progress import report_progress
-from .reader import InputPlan, display_url, plan_inputs, read_column, read_prompts
+from .reader import InputError, InputPlan, display_url, plan_inputs, read_column, read_prompts
 from .redact import storage_error
 from .schema import find_duplicates, prepare_and_skip
 from .scoring import check_tower, clip_model_for, reference_column
+from .shards import unwritable_columns
 from .variations import check_model_kind, image_column_check, prepare_images
 from .sinks import (
     CLIP_EMB_DIR,
@@ -197,6 +198,10 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
     variations = cfg.task == "variations"
     plan: InputPlan = plan_inputs(cfg.input_url, cfg.storage_options, cfg.rows_per_read_task,
                                   check_columns=image_column_check(cfg.image_column) if variations else None)
+    unwritable = unwritable_columns(plan.schema)
+    if unwritable:
+        raise InputError(f"{plan.url}: columns the metadata files cannot hold: {'; '.join(unwritable)}; drop or "
+                         "convert them")
     model = cfg.model or default_model(variations)
     model_id = model_identity(model, cfg.storage_options)
     check_model_kind(cfg.task, model_id)

@@ -199,6 +199,52 @@ def test_guidance_values_that_are_not_finite_numbers_one_row_per_block(tmp_path,
     assert errors["r4"] == "decoder_guidance_scale must be a finite number >= 0, got -0.5"
 
 
+def test_pass_through_columns_of_types_json_lacks(tmp_path, ray_local, tiny_model):
+    """Extension (uuid), half-float, duration, decimal, large binary, dictionary and map columns reach the
+    metadata with their types and the per-sample JSON in a readable form, instead of failing every write task
+    after the images were generated."""
+    import decimal
+    import uuid
+
+    ids = [uuid.UUID(int=i + 1) for i in range(2)]
+    columns = dict(
+        prompt=PROMPTS[:2],
+        ref=pa.array([u.bytes for u in ids], pa.uuid()),
+        weight=pa.array([0.5, None], pa.float16()),
+        took=pa.array([1_500_000_000, 2], pa.duration("ns")),
+        price=pa.array([decimal.Decimal("1.25"), None], pa.decimal128(5, 2)),
+        blob=pa.array([b"\x00\x01", b""], pa.large_binary()),
+        style=pa.array(["oil", "ink"]).dictionary_encode(),
+        tags=pa.array([[("a", 1)], []], pa.map_(pa.string(), pa.int64())),
+    )
+    table = write_table(tmp_path / "t.parquet", **columns)
+    out = tmp_path / "out"
+    result = karlo(str(table), str(out), "--model", tiny_model, *FEW_STEPS)
+    assert result.exit_code == 0, result.output
+    o = read_output(out)
+    assert_accounted(o, 2)
+    for name, column in columns.items():
+        if name != "prompt":
+            assert o.metadata.schema.field(name).type == column.type, name
+    with tarfile.open(next((out / "images").glob("*.tar"))) as tar:
+        samples = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+    first = next(s for s in samples if s["prompt"] == PROMPTS[0])
+    assert uuid.UUID(first["ref"]) == ids[0] and first["weight"] == 0.5 and first["took"] == 1.5
+    assert first["price"] == "1.25" and first["blob"] == "AAE=" and first["style"] == "oil"
+    assert first["tags"] == [["a", 1]]
+
+
+def test_pass_through_column_no_metadata_file_can_hold():
+    """A type Parquet cannot store (reachable when tables come from other readers than Parquet files) is found
+    from the schema alone, before any work."""
+    from pipeline.shards import unwritable_columns
+
+    schema = pa.schema([("prompt", pa.string()), ("ref", pa.uuid()), ("span", pa.month_day_nano_interval())])
+    assert unwritable_columns(schema) == [
+        "span (month_day_nano_interval): Unhandled type for Arrow to Parquet schema conversion: "
+        "month_day_nano_interval"]
+
+
 def test_values_of_the_wrong_type_become_error_rows(tmp_path, ray_local, tiny_model):
     table = write_table(tmp_path / "t.parquet", prompt=[5, 6], seed=[1.5, 2.0])
     out = tmp_path / "out"
