@@ -75,6 +75,10 @@ class OutputConflict(OutputError):
     """OUTPUT already holds a run made with other settings, model or input."""
 
 
+class RayStartError(RuntimeError):
+    """Ray could not be started or joined; nothing was written yet."""
+
+
 @dataclass
 class RunSummary:
     output_url: str
@@ -210,7 +214,11 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
         clip_model = clip_model_for(cfg, model, default_model(variations=True) if cfg.model is None else None)
         clip_info = check_tower(clip_model, model, cfg.storage_options)
     # Before OUTPUT is touched: a run that cannot be placed must not leave a manifest that refuses the fixed rerun.
-    init_ray()
+    try:
+        init_ray()
+    except Exception as e:  # ray.init fails with ConnectionError, RuntimeError or a bare Exception (start timeout)
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise RayStartError(f"Ray failed to start: {type(e).__name__}: {first_line}") from e
     check_resources(cfg)
     fs, root, previous = _open_output(cfg, identity)
 
