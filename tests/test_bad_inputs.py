@@ -245,6 +245,20 @@ def test_pass_through_column_no_metadata_file_can_hold():
         "month_day_nano_interval"]
 
 
+def test_relative_paths_are_resolved_on_the_driver(tmp_path, ray_local, tiny_model, monkeypatch):
+    """INPUT, OUTPUT and --model relative to the driver's working folder, which the actors and write tasks do
+    not share: everything lands in OUTPUT as the user meant, and the manifest names absolute paths."""
+    shutil.copytree(tiny_model, tmp_path / "model")
+    write_table(tmp_path / "in" / "t.parquet", prompt=PROMPTS[:2])
+    monkeypatch.chdir(tmp_path)
+    result = karlo("in", "out", "--model", "model", *FEW_STEPS)
+    assert result.exit_code == 0, result.output
+    o = read_output(tmp_path / "out")
+    assert_accounted(o, 2)
+    assert o.manifest["identity"]["input"] == str(tmp_path / "in")
+    assert o.manifest["identity"]["model"]["model"] == str(tmp_path / "model")
+
+
 def test_values_of_the_wrong_type_become_error_rows(tmp_path, ray_local, tiny_model):
     table = write_table(tmp_path / "t.parquet", prompt=[5, 6], seed=[1.5, 2.0])
     out = tmp_path / "out"
