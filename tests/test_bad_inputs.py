@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from jobs.cli import main
 from pipeline.schema import SEED_LIMIT
-from pipeline_utils import PROMPTS, read_output, write_table
+from pipeline_utils import PROMPTS, Payload, read_output, write_table
 from processes import FEW_STEPS
 from s3_proxy import FaultyS3Proxy
 
@@ -331,18 +331,6 @@ def test_damaged_model(tmp_path, tiny_model, damage):
     assert_usage_error(result, f"error: model {model}: {message}", tmp_path / "out")
 
 
-def _touch_marker(path: str) -> None:  # what a malicious pickle would run
-    Path(path).write_text("code ran")
-
-
-class _Payload:
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (_touch_marker, (self.marker,))
-
-
 def test_model_with_a_pickle_that_runs_code(tmp_path, tiny_model):
     """Refused on the driver like every other damaged model (exit 2, one line, before Ray starts and before
     OUTPUT holds a manifest that would refuse the fixed model as other settings), without running the payload."""
@@ -353,7 +341,7 @@ def test_model_with_a_pickle_that_runs_code(tmp_path, tiny_model):
     shutil.copytree(tiny_model, model)
     weights = model / "decoder" / "diffusion_pytorch_model.safetensors"
     marker = tmp_path / "marker"
-    torch.save({**load_file(str(weights)), "payload": _Payload(marker)}, weights.with_suffix(".bin"))
+    torch.save({**load_file(str(weights)), "payload": Payload(marker)}, weights.with_suffix(".bin"))
     weights.unlink()
     table = write_table(tmp_path / "t.parquet", prompt=["a cat"])
     result = karlo(str(table), str(tmp_path / "out"), "--model", str(model), *FEW_STEPS)
