@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -116,7 +117,9 @@ def _run_command(input_url, output_url, model, stage_config, device, dtype, prog
     from pipeline.config import ALL_STAGE_NAMES, ConfigError, RunConfig, load_stage_config_file
     from pipeline.reader import InputError
     from pipeline.redact import redact
-    from pipeline.run import OutputError, run
+    from ray.exceptions import RayError
+
+    from pipeline.run import OutputError, RayStartError, run
 
     if settings.get("min_clip_score") is not None:
         settings["clip_score"] = True
@@ -145,9 +148,29 @@ def _run_command(input_url, output_url, model, stage_config, device, dtype, prog
     except (InputError, ConfigError, OutputError) as e:
         click.echo(f"error: {redact(str(e))}", err=True)
         sys.exit(2)
+    except (OSError, RayError, RayStartError) as e:
+        # Storage (a full disk, a lost bucket) or Ray failed under a usable run: committed shards stay, and the
+        # same command resumes. The user reads what failed; the traceback is for -v.
+        if click.get_current_context().find_root().params.get("verbose"):
+            traceback.print_exception(e)
+        what = str(e) if isinstance(e, RayStartError) else _first_cause(e)
+        click.echo(f"error: {redact(what)} (rerun the same command to resume)", err=True)
+        sys.exit(1)
     _print_summary(summary)
     if not summary.ok:
         sys.exit(EXIT_ROW_ERRORS)
+
+
+def _first_cause(e: BaseException) -> str:
+    """One line for an infrastructure failure: the innermost OSError among its causes (Ray wraps a write task's
+    error, its traceback in the message), else the first line of the error itself."""
+    chain: list[BaseException] = []
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or getattr(e, "cause", None) or e.__context__
+    cause = next((c for c in reversed(chain) if isinstance(c, OSError)), chain[0])
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
 
 
 def _print_summary(s) -> None:

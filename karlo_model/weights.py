@@ -116,10 +116,11 @@ def read_json(path: Path) -> dict[str, Any]:
         raise WeightsError(f"{path} is not valid JSON: {e}") from None
 
 
-def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
-    """A pickled state dict, refusing anything but tensors and plain containers."""
+def load_torch_file(path: Path, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+    """A pickled state dict, refusing anything but tensors and plain containers. With ``map_location="meta"``
+    only the pickle is read, no tensor data: a cheap check of the whole file's structure."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise WeightsError(
             f"{path}: refusing to load, the file needs unpickling of arbitrary Python objects, which can run "

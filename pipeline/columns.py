@@ -15,9 +15,11 @@ PRIOR_GUIDANCE_SCALE = "prior_guidance_scale"
 DECODER_GUIDANCE_SCALE = "decoder_guidance_scale"
 INPUT_COLUMNS = (PROMPT, ID, SEED, NEGATIVE_PROMPT, PRIOR_GUIDANCE_SCALE, DECODER_GUIDANCE_SCALE)
 
-# Added by the reader: where the row came from (relative source path, 0-based row index in that file).
+# Added by the reader: where the row came from (relative source path, 0-based row index in that file), and why
+# its data pages could not be decoded (null for rows read); prepare turns such rows into error rows.
 SOURCE = "source"
 SOURCE_ROW = "source_row"
+READ_ERROR = "__read_error"
 
 # Added by prepare.
 KEY = "key"  # str, unique in the run, safe as a file-name stem (no '/', no '.')

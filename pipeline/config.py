@@ -141,6 +141,14 @@ def _actors(value: Any, name: str) -> tuple[int, int]:
     raise ConfigError(f"stage config [{name}]: actors must be an integer or [min, max], got {value!r}")
 
 
+def _absolute(url: str | None) -> str | None:
+    """A local path made absolute here, on the driver: actors and write tasks run in other working folders, and
+    on other nodes. URLs (s3://, file://, hf://, ...) are left as they are."""
+    if url is None or "://" in str(url):
+        return url
+    return os.path.abspath(url)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     input_url: str
@@ -170,6 +178,8 @@ class RunConfig:
     storage_options: dict = field(default_factory=dict, repr=False)  # may hold credentials: never printed
 
     def __post_init__(self) -> None:
+        for name in ("input_url", "output_url", "model", "clip_model"):
+            object.__setattr__(self, name, _absolute(getattr(self, name)))
         for name in ("prior_steps", "decoder_steps", "super_res_steps"):
             _check(_is_int(getattr(self, name)) and getattr(self, name) >= 2, f"{name} must be an integer >= 2")
         for name in ("prior_guidance_scale", "decoder_guidance_scale"):

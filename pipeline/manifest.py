@@ -19,7 +19,7 @@ from typing import Any
 import fsspec
 from safetensors import SafetensorError, safe_open
 
-from karlo_model.weights import WEIGHT_FILES, cache_root, file_digest, is_remote
+from karlo_model.weights import WEIGHT_FILES, WeightsError, cache_root, file_digest, is_remote, load_torch_file
 
 from .config import ConfigError
 from .reader import display_url
@@ -48,8 +48,9 @@ def model_identity(model: str, storage_options: dict | None = None) -> dict[str,
     """Where the model came from and a fingerprint of every weight file: sha256 for local files (cached by
     size and mtime, since hashing the real 13 GB model takes a while), the storage's ETag/size otherwise.
 
-    Raises ModelError for a model that is missing, unreadable or has a damaged safetensors file (local models:
-    only the headers are parsed), so that a bad --model fails in seconds rather than in every actor.
+    Raises ModelError for a model that is missing, unreadable, has a damaged safetensors file or a pickled file
+    holding more than tensors (local models: only the headers and pickles are parsed), so that a bad --model
+    fails in seconds, before Ray starts and OUTPUT is touched, rather than in every actor.
     """
     shown = display_url(model)
     fs, root = fsspec.core.url_to_fs(model, **(storage_options or {}))
@@ -83,14 +84,20 @@ def model_identity(model: str, storage_options: dict | None = None) -> dict[str,
 
 
 def _check_header(path: Path, shown: str) -> None:
-    """Parse a safetensors file's header, which also checks that the file is as long as the header says."""
+    """Parse a safetensors file's header, which also checks that the file is as long as the header says; or
+    unpickle a .bin file as loading will (tensors only), its tensors on the meta device so no data is read."""
+    name = f"{path.parent.name}/{path.name}"
+    if path.suffix == ".bin":
+        try:
+            load_torch_file(path, map_location="meta")
+        except WeightsError as e:
+            raise ModelError(f"model {shown}: {str(e).replace(str(path), name, 1)}") from None
     if path.suffix != ".safetensors":
         return
     try:
         with safe_open(str(path), "pt"):
             pass
     except SafetensorError as e:
-        name = f"{path.parent.name}/{path.name}"
         raise ModelError(f"model {shown}: {name} is not a valid safetensors file ({e})") from None
 
 

@@ -180,11 +180,16 @@ def read_column(plan: InputPlan, name: str) -> list[tuple[str, list]]:
 
     def values(f: InputFile) -> list:
         fs, path = fsspec.core.url_to_fs(f.url, **plan.storage_options)
-        with fs.open(path, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            if name not in pf.schema_arrow.names:
-                return [None] * f.num_rows
-            return pf.read(columns=[name]).column(name).to_pylist()
+        with fs.open(path, "rb") as raw:
+            fh = _WatchedFile(raw)
+            try:
+                pf = pq.ParquetFile(fh)
+                if name not in pf.schema_arrow.names:
+                    return [None] * f.num_rows
+                return pf.read(columns=[name]).column(name).to_pylist()
+            except (pa.ArrowException, OSError) as e:
+                fh.content_error(e)
+                return [None] * f.num_rows  # damaged pages: the read tasks make the file's rows error rows
 
     with ThreadPoolExecutor(min(_FOOTER_THREADS, len(plan.files))) as pool:
         return [(f.source, column) for f, column in zip(plan.files, pool.map(values, plan.files))]
@@ -310,11 +315,38 @@ def _family(t: pa.DataType) -> str | None:
 
 
 def _with_source_columns(schema: pa.Schema) -> pa.Schema:
-    return schema.append(pa.field(C.SOURCE, pa.string())).append(pa.field(C.SOURCE_ROW, pa.int64()))
+    return (schema.append(pa.field(C.SOURCE, pa.string())).append(pa.field(C.SOURCE_ROW, pa.int64()))
+            .append(pa.field(C.READ_ERROR, pa.string())))
+
+
+class _WatchedFile:
+    """An open file that remembers its read errors. The Parquet reader raises OSError for damaged pages as well
+    as for storage failures; only a failure that no read of ours raised is about the file's content."""
+
+    def __init__(self, f):
+        self._f = f
+        self.storage_error: BaseException | None = None
+
+    def read(self, *args):
+        try:
+            return self._f.read(*args)
+        except BaseException as e:
+            self.storage_error = e
+            raise
+
+    def __getattr__(self, name):  # seek, tell, closed, ...: as the file has them
+        return getattr(self._f, name)
+
+    def content_error(self, e: Exception) -> str:
+        """The reason the Parquet reader failed on the file's content; ``e`` again if a read of ours failed."""
+        if self.storage_error is not None:
+            raise e
+        return f"damaged Parquet data: {type(e).__name__}: {e}".replace("\n", " ")[:1000]
 
 
 def _slice_bytes(f: InputFile, rows: int) -> int:
-    # The file's share for these rows, plus the source columns the read adds (8-byte offset + name per row).
+    # The file's share for these rows, plus the source columns the read adds (8-byte offset + name per row; the
+    # read error is null for rows read).
     per_row = (f.size_bytes / f.num_rows if f.num_rows else 0) + 8 + 8 + len(f.source)
     return int(per_row * rows)
 
@@ -326,14 +358,25 @@ def _slice_reader(f: InputFile, start: int, stop: int, schema: pa.Schema, storag
         fs, path = fsspec.core.url_to_fs(f.url, **storage_options)
         offsets = list(itertools.accumulate(f.row_group_rows, initial=0))
         groups = [i for i in range(len(f.row_group_rows)) if offsets[i] < stop and offsets[i + 1] > start]
-        with fs.open(path, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            wanted = [n for n in pf.schema_arrow.names if n in schema.names]
-            table = pf.read_row_groups(groups, columns=wanted)
-        table = table.slice(start - offsets[groups[0]], stop - start)
-        n = table.num_rows
-        arrays = [table.column(c.name).cast(c.type) if c.name in wanted else pa.nulls(n, c.type) for c in schema]
-        arrays += [pa.array([f.source] * n, pa.string()), pa.array(np.arange(start, stop, dtype=np.int64))]
+        n = stop - start
+        with fs.open(path, "rb") as raw:
+            fh = _WatchedFile(raw)
+            try:
+                pf = pq.ParquetFile(fh)
+                wanted = [name for name in pf.schema_arrow.names if name in schema.names]
+                table = pf.read_row_groups(groups, columns=wanted)
+            except (pa.ArrowException, OSError) as e:
+                # Damaged data pages behind a sound footer: the plan counted these rows, so each becomes an
+                # error row (prepare) instead of failing the run, and every rerun, on the same pages.
+                reason = fh.content_error(e)
+                columns, read_error = [pa.nulls(n, c.type) for c in schema], pa.array([reason] * n, pa.string())
+            else:
+                table = table.slice(start - offsets[groups[0]], n)
+                columns = [table.column(c.name).cast(c.type) if c.name in wanted else pa.nulls(n, c.type)
+                           for c in schema]
+                read_error = pa.nulls(n, pa.string())
+        arrays = [*columns, pa.array([f.source] * n, pa.string()), pa.array(np.arange(start, stop, dtype=np.int64)),
+                  read_error]
         return [pa.Table.from_arrays(arrays, schema=_with_source_columns(schema))]
 
     return read_slice

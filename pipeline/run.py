@@ -31,10 +31,11 @@ from .encode import ENCODE_CPUS, add_encode
 from .manifest import MANIFEST, SUCCESS, differences, identity_of_run, model_identity, now, package_versions
 from .placement import placement_record, reserved
 from .progress import report_progress
-from .reader import InputPlan, display_url, plan_inputs, read_column, read_prompts
+from .reader import InputError, InputPlan, display_url, plan_inputs, read_column, read_prompts
 from .redact import storage_error
 from .schema import find_duplicates, prepare_and_skip
 from .scoring import check_tower, clip_model_for, reference_column
+from .shards import unwritable_columns
 from .variations import check_model_kind, image_column_check, prepare_images
 from .sinks import (
     CLIP_EMB_DIR,
@@ -50,6 +51,7 @@ from .sinks import (
     check_writable,
     committed_keys,
     committed_shards,
+    damaged_sources,
     output_filesystem,
     remove_uncommitted,
     write_json_atomic,
@@ -72,6 +74,10 @@ class OutputError(RuntimeError):
 
 class OutputConflict(OutputError):
     """OUTPUT already holds a run made with other settings, model or input."""
+
+
+class RayStartError(RuntimeError):
+    """Ray could not be started or joined; nothing was written yet."""
 
 
 @dataclass
@@ -216,6 +222,10 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
     variations = cfg.task == "variations"
     plan: InputPlan = plan_inputs(cfg.input_url, cfg.storage_options, cfg.rows_per_read_task,
                                   check_columns=image_column_check(cfg.image_column) if variations else None)
+    unwritable = unwritable_columns(plan.schema)
+    if unwritable:
+        raise InputError(f"{plan.url}: columns the metadata files cannot hold: {'; '.join(unwritable)}; drop or "
+                         "convert them")
     model = cfg.model or default_model(variations)
     model_id = model_identity(model, cfg.storage_options)
     check_model_kind(cfg.task, model_id)
@@ -224,7 +234,11 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
         clip_model = clip_model_for(cfg, model, default_model(variations=True) if cfg.model is None else None)
         clip_info = check_tower(clip_model, model, cfg.storage_options)
     # Before OUTPUT is touched: a run that cannot be placed must not leave a manifest that refuses the fixed rerun.
-    init_ray(echo)
+    try:
+        init_ray(echo)
+    except Exception as e:  # ray.init fails with ConnectionError, RuntimeError or a bare Exception (start timeout)
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise RayStartError(f"Ray failed to start: {type(e).__name__}: {first_line}") from e
     with reserved(cfg.stages, timeout=cfg.placement_timeout, echo=echo) as reservation:
         check_resources(cfg)
         fs, root, previous = _open_output(cfg, identity)
@@ -315,7 +329,8 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
             errors=total.errors,
             resumed=len(done),
             shards=total.shards,
-            bad_files=list(plan.bad_files),
+            # Files whose footers parse but some data pages do not: their rows are error rows, the files named too.
+            bad_files=[*plan.bad_files, *damaged_sources(cfg.output_url, cfg.storage_options)],
             seconds=time.time() - started,
             images_this_run=this_run.rows,
             rejected=total.rejected,
@@ -323,6 +338,7 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
         )
         manifest.update(
             status="complete" if summary.complete else "incomplete",
+            bad_files=[list(b) for b in summary.bad_files],
             finished=now(),
             counts={"input_rows": summary.rows_in, "written": summary.written, "errors": summary.errors,
                     "rejected": summary.rejected, "shards": summary.shards},

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from typing import Any, Callable, Collection, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from pipeline import columns as C
 
 PREPARE = "prepare"  # the error_stage of rows rejected here
+READ = "read"  # the error_stage of rows whose data the reader could not decode (pipeline.reader)
 
 SEED_LIMIT = 2**63  # seeds are non-negative int64
 # An id used as a key verbatim: safe as a file-name stem everywhere (no '/', no '.'), and not starting with '-',
@@ -26,6 +27,11 @@ SEED_LIMIT = 2**63  # seeds are non-negative int64
 _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,99}")
 _UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9_-]")
 _SANITISED_STEM = 64
+_ID_HASH = 12
+# The keys the pipeline makes: derived ("<10 hex>-<9 digits>") and sanitised ("<stem>-<12 hex>"). Their last
+# segments differ, so the two never meet; an id spelled like either is sanitised too, so that no id can take the
+# key another row gets (which would leave one of them in neither metadata/ nor errors/).
+_MADE_KEY = re.compile(r"[0-9a-f]{10}-[0-9]{9}|.*-[0-9a-f]{%d}" % _ID_HASH)
 _SHOWN_CHARS = 100
 
 # What prepare writes, in this order after the input's columns (a column already in the input is replaced in place).
@@ -52,18 +58,19 @@ def make_key(ident: object, source: str, source_row: int) -> str:
 
 def key_from_id(ident: object) -> str:
     """A safe id as-is; any other id sanitised and suffixed with a hash of the original, so distinct ids stay
-    distinct and no key can name a path outside the output folder."""
+    distinct and no key can name a path outside the output folder. Ids shaped like the keys made here count as
+    unsafe, which keeps ids, sanitised ids and derived keys in disjoint sets."""
     if isinstance(ident, bool) or not isinstance(ident, (str, int)):
         raise ValueError(f"id must be a string or an integer, got {_show(ident)}")
     text = str(ident)
     if not text:
         raise ValueError("id is empty")
-    if _SAFE_ID.fullmatch(text):
+    if _SAFE_ID.fullmatch(text) and not _MADE_KEY.fullmatch(text):
         return text
     stem = _UNSAFE_CHAR.sub("_", text)[:_SANITISED_STEM]
     if stem.startswith("-"):
         stem = "_" + stem[1:]
-    return f"{stem}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    return f"{stem}-{hashlib.sha256(text.encode()).hexdigest()[:_ID_HASH]}"
 
 
 def row_key(ident: object, source: str, source_row: int) -> tuple[str, str | None]:
@@ -75,25 +82,30 @@ def row_key(ident: object, source: str, source_row: int) -> tuple[str, str | Non
         return derive_key(source, source_row), str(e)
 
 
-def find_duplicates(ids: Iterable[tuple[str, list]]) -> dict[str, frozenset[int]]:
-    """source -> rows whose key an earlier row of the input already has, given (source, id values) of every
-    file in plan order.
+# Where the first row with a key was read: (source, row index).
+Origin = tuple[str, int]
+
+
+def find_duplicates(ids: Iterable[tuple[str, list]]) -> dict[str, dict[int, Origin]]:
+    """source -> {row: the earlier row holding its key} for rows whose key an earlier row of the input already
+    has, given (source, id values) of every file in plan order.
 
     :func:`prepare_batch` sees one read task's rows; a repeat in another task would be generated twice, under
     one key. The driver finds repeats across the whole input here, from the id column alone, and passes them to
-    every batch, so that the first row with a key keeps it and every later one is an error row, whatever the
-    batching. Each repeat takes its derived key, as :func:`prepare_batch` gives it.
+    every batch, so that the first row with a key keeps it and every later one is an error row naming the first,
+    whatever the batching. Each repeat takes its derived key, as :func:`prepare_batch` gives it: no id can be
+    spelled like a derived key (:func:`key_from_id`), so that key is free.
     """
-    seen: set[str] = set()
-    out: dict[str, set[int]] = {}
+    seen: dict[str, Origin] = {}
+    out: dict[str, dict[int, Origin]] = {}
     for source, column in ids:
         for row, ident in enumerate(column):
             key, reason = row_key(ident, source, row)
             if reason is None and key in seen:
-                out.setdefault(source, set()).add(row)
+                out.setdefault(source, {})[row] = seen[key]
                 key = derive_key(source, row)
-            seen.add(key)
-    return {source: frozenset(rows) for source, rows in out.items()}
+            seen.setdefault(key, (source, row))
+    return out
 
 
 def derive_key(source: str, source_row: int) -> str:
@@ -114,12 +126,13 @@ def prepare_batch(
     run_seed: int,
     prior_guidance_scale: float,
     decoder_guidance_scale: float,
-    duplicates: Mapping[str, Collection[int]] | None = None,
+    duplicates: Mapping[str, Mapping[int, Origin]] | None = None,
 ) -> pa.Table:
     """Add key, seed, negative_prompt, both guidance scales, error and error_stage to a reader batch.
 
     A row repeating the key of an earlier row of the batch, or listed in ``duplicates`` (from
-    :func:`find_duplicates`, for repeats across batches), is an error row.
+    :func:`find_duplicates`, for repeats across batches), is an error row; so is a row the reader could not
+    decode, under its derived key (its values are all null).
     """
     duplicates = duplicates or {}
     n = table.num_rows
@@ -128,21 +141,25 @@ def prepare_batch(
         table.column(C.PROMPT).to_pylist(),
         table.column(C.SOURCE).to_pylist(),
         table.column(C.SOURCE_ROW).to_pylist(),
-        *(table.column(name).to_pylist() if name in table.column_names else [None] * n for name in given),
+        *(table.column(name).to_pylist() if name in table.column_names else [None] * n
+          for name in (*given, C.READ_ERROR)),
     )
     out: dict[str, list] = {name: [] for name in _OUTPUT_TYPES}
-    used: set[str] = set()
-    for prompt, source, source_row, ident, seed, negative, prior, decoder in rows:
+    used: dict[str, Origin] = {}
+    for prompt, source, source_row, ident, seed, negative, prior, decoder, read_error in rows:
         reasons: list[str] = []
-        _check_prompt(prompt, reasons)
+        if read_error is None:
+            _check_prompt(prompt, reasons)
+        else:  # nothing of the row was read, its values are null: its key is the derived one
+            reasons.append(read_error)
         key, reason = row_key(ident, source, source_row)
         if reason:
             reasons.append(reason)
-        elif key in used or source_row in duplicates.get(source, ()):
+        elif read_error is None and (first := duplicates.get(source, {}).get(source_row) or used.get(key)):
             # The duplicate takes its derived key, so that keys stay unique across good and error rows.
-            reasons.append(f"duplicate id {_show(ident)}: an earlier row has the same key {key!r}")
+            reasons.append(f"duplicate id {_show(ident)}: row {first[1]} of {first[0]!r} has the same key {key!r}")
             key = derive_key(source, source_row)
-        used.add(key)
+        used.setdefault(key, (source, source_row))
         values = (
             key,
             _seed(seed, run_seed, key, reasons),
@@ -151,13 +168,14 @@ def prepare_batch(
             _guidance(C.DECODER_GUIDANCE_SCALE, decoder, decoder_guidance_scale, reasons),
         )
         error = "; ".join(reasons)
-        for name, value in zip(_OUTPUT_TYPES, (*values, error, PREPARE if error else "")):
+        stage = READ if read_error is not None else PREPARE if error else ""
+        for name, value in zip(_OUTPUT_TYPES, (*values, error, stage)):
             out[name].append(value)
     for name, typ in _OUTPUT_TYPES.items():
         column = pa.array(out[name], typ)
         index = table.schema.get_field_index(name)
         table = table.set_column(index, name, column) if index >= 0 else table.append_column(name, column)
-    return table
+    return table.drop_columns([C.READ_ERROR]) if C.READ_ERROR in table.column_names else table
 
 
 def _check_prompt(prompt: object, reasons: list[str]) -> None:

@@ -16,6 +16,7 @@ import io
 import json
 import re
 import tarfile
+import uuid
 from typing import Any, BinaryIO, Iterable, Iterator
 
 import numpy as np
@@ -174,6 +175,22 @@ def _plain_arrow(table: pa.Table) -> pa.Table:
     return table
 
 
+def unwritable_columns(schema: pa.Schema) -> list[str]:
+    """Pass-through columns of ``schema`` whose type a metadata Parquet file cannot hold, as "name (type): why".
+
+    Found from the types alone (a column of nulls), so that such a column refuses the run before any row is
+    generated instead of failing every write task after the model stages did their work."""
+    bad = []
+    for field in schema:
+        if field.name in _NOT_PASSTHROUGH or C.is_internal(field.name):
+            continue
+        try:
+            write_parquet(io.BytesIO(), _plain_arrow(pa.table({field.name: pa.nulls(1, field.type)})))
+        except (pa.ArrowException, TypeError, ValueError) as e:
+            bad.append(f"{field.name} ({field.type}): {e}")
+    return bad
+
+
 def concat_rows(pieces: list[ShardRows]) -> ShardRows:
     if len(pieces) == 1:
         return pieces[0]
@@ -315,6 +332,8 @@ def _json_value(value: Any) -> Any:
         return str(value)
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
+    if isinstance(value, uuid.UUID):  # Arrow's uuid extension type; uuid.UUID(text) reads it back
+        return str(value)
     raise TypeError(f"cannot write {type(value).__name__} to per-sample JSON")
 
 

@@ -37,6 +37,7 @@ from ray.data.datasource.datasink import WriteResult
 from pipeline import columns as C
 from pipeline.redact import redact
 from pipeline.rejected import rejected_table, split_rejected
+from pipeline.schema import READ
 from pipeline.shards import (
     IMAGE_EXTENSIONS,
     ShardRows,
@@ -61,6 +62,7 @@ __all__ = [
     "check_writable",
     "committed_keys",
     "committed_shards",
+    "damaged_sources",
     "encode_image",
     "marker_names",
     "open_atomic",
@@ -341,6 +343,21 @@ def committed_keys(output_url: str, storage_options: dict[str, Any] | None = Non
         return set()
     keys = pads.dataset(paths, format="parquet", filesystem=fs).to_table(columns=[C.KEY])
     return set(keys.column(C.KEY).to_pylist())
+
+
+def damaged_sources(output_url: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """(source, reason) of every input file with committed error rows whose data could not be decoded, named
+    beside the files the plan found unreadable."""
+    fs, root = output_filesystem(output_url, storage_options)
+    paths = [f"{root}/{rel}" for m in _markers(fs, root) for rel in m["files"] if rel.startswith(f"{ERRORS_DIR}/")]
+    if not paths:
+        return []
+    table = pads.dataset(paths, format="parquet", filesystem=fs).to_table(
+        columns=[C.SOURCE, C.ERROR], filter=pads.field(C.ERROR_STAGE) == READ)
+    first: dict[str, str] = {}
+    for source, error in zip(table.column(C.SOURCE).to_pylist(), table.column(C.ERROR).to_pylist()):
+        first.setdefault(source, error)
+    return sorted(first.items())
 
 
 def remove_uncommitted(output_url: str, storage_options: dict[str, Any] | None = None) -> list[str]:

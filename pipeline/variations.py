@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import io
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Collection, Mapping
+from typing import Any, Callable, Mapping
 
 import fsspec
 import numpy as np
@@ -25,7 +25,7 @@ from karlo_model.karlo import VARIATIONS_PIPELINE
 from . import columns as C
 from .config import ConfigError
 from .reader import InputError, display_url
-from .schema import PREPARE, prepare_batch
+from .schema import PREPARE, READ, Origin, prepare_batch
 from .stages import Batch, Stage, empty_first_stage_outputs, first_stage_outputs
 
 # Input columns that mean something for prompts but would be silently ignored or overwritten for images.
@@ -93,7 +93,7 @@ def prepare_images(
     decoder_guidance_scale: float,
     image_column: str,
     storage_options: dict | None = None,
-    duplicates: Mapping[str, Collection[int]] | None = None,
+    duplicates: Mapping[str, Mapping[int, Origin]] | None = None,
 ) -> pa.Table:
     """The prepare step of variations: keys, seeds and per-row decoder guidance as for prompts; each image
     fetched and fully decoded here, so that a missing or undecodable image becomes an error row naming the
@@ -111,7 +111,7 @@ def prepare_images(
     errors = prepared.column(C.ERROR).to_pylist()
     stages = prepared.column(C.ERROR_STAGE).to_pylist()
     for i, (_, _, problem) in enumerate(loaded):
-        if problem:
+        if problem and stages[i] != READ:  # a row the reader could not decode has no image to complain of
             errors[i] = f"{errors[i]}; {problem}" if errors[i] else problem
             stages[i] = PREPARE
     prepared = prepared.set_column(prepared.schema.get_field_index(C.ERROR), C.ERROR, pa.array(errors, pa.string()))

@@ -217,3 +217,17 @@ def file_states(root: Path) -> dict[str, tuple[int, bytes]]:
     return {
         str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()
     }
+
+
+def _touch_marker(path: str) -> None:  # what a malicious pickle would run
+    Path(path).write_text("code ran")
+
+
+class Payload:
+    """Unpickling it runs code (writes ``marker``): a weight file holding one must be refused unread."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (_touch_marker, (self.marker,))

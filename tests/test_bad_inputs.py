@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from jobs.cli import main
 from pipeline.schema import SEED_LIMIT
-from pipeline_utils import PROMPTS, read_output, write_table
+from pipeline_utils import PROMPTS, Payload, read_output, write_table
 from processes import FEW_STEPS
 from s3_proxy import FaultyS3Proxy
 
@@ -100,8 +100,8 @@ def test_bad_rows_ids_seeds_and_files_in_one_input(tmp_path, ray_local, tiny_mod
         ("a.parquet", 9): "prompt is null",
         ("a.parquet", 10): "prompt is empty",
         ("a.parquet", 11): "prompt is only whitespace",
-        ("b.parquet", 0): "duplicate id 'twin': an earlier row has the same key 'twin'",
-        ("b.parquet", 1): "duplicate id 'good-0': an earlier row has the same key 'good-0'",
+        ("b.parquet", 0): "duplicate id 'twin': row 8 of 'a.parquet' has the same key 'twin'",
+        ("b.parquet", 1): "duplicate id 'good-0': row 0 of 'a.parquet' has the same key 'good-0'",
         ("b.parquet", 2): f"seed must be an integer in [0, 2**63), got {SEED_LIMIT}",
     }
     assert {r["error_stage"] for r in errors.values()} == {"prepare"}
@@ -123,6 +123,140 @@ def test_bad_rows_ids_seeds_and_files_in_one_input(tmp_path, ray_local, tiny_mod
     assert again.exit_code == 3, again.output
     assert "resuming: 15 of 15 rows are already committed" in again.output
     assert_accounted(read_output(out), 15)
+
+
+def test_ids_spelled_like_the_keys_of_other_rows(tmp_path, ray_local, tiny_model):
+    """Ids spelled like another row's derived key or sanitised id get keys of their own; a real repeat is an
+    error row naming the first row. One row per shard, where a shared key would also share the shard id, and a
+    rerun resumes with every row committed once."""
+    from pipeline.schema import derive_key, key_from_id
+
+    ids = [None, derive_key("t.parquet", 0), "a b", key_from_id("a b"), "dup", "dup"]
+    table = write_table(tmp_path / "in" / "t.parquet", id=pa.array(ids, pa.string()), prompt=PROMPTS[: len(ids)])
+    out = tmp_path / "out"
+    for attempt in range(2):
+        result = karlo(str(table), str(out), "--model", tiny_model, *FEW_STEPS, "--rows-per-shard", "1")
+        assert result.exit_code == 3, result.output
+        assert "Traceback" not in result.output
+        o = read_output(out)
+        assert_accounted(o, len(ids))
+        assert [(r["source_row"], r["error"]) for r in o.errors.to_pylist()] == [
+            (5, "duplicate id 'dup': row 4 of 't.parquet' has the same key 'dup'")]
+        assert not [p for p in out.rglob(".tmp-*")]
+    assert "resuming: 6 of 6 rows are already committed" in result.output
+
+
+def test_damaged_data_pages_behind_a_sound_footer(tmp_path, ray_local, tiny_model):
+    """The plan reads footers only, so a file with damaged pages is found by its read task: its rows become error
+    rows and the file is named as unreadable, while the other file's rows are generated; a rerun says the same."""
+    import pyarrow.parquet as pq
+
+    write_table(tmp_path / "in" / "a.parquet", prompt=PROMPTS[:2])
+    damaged = write_table(tmp_path / "in" / "b.parquet", prompt=[p * 20 for p in PROMPTS[:3]])
+    data = bytearray(damaged.read_bytes())
+    start = pq.ParquetFile(damaged).metadata.row_group(0).column(0).data_page_offset
+    data[start : start + 64] = bytes(b ^ 0x5A for b in data[start : start + 64])
+    damaged.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    for _ in range(2):
+        result = karlo(str(tmp_path / "in"), str(out), "--model", tiny_model, *FEW_STEPS)
+        assert result.exit_code == 3, result.output
+        assert "Traceback" not in result.output
+        assert "unreadable file  b.parquet: damaged Parquet data: OSError: " in result.output
+        o = read_output(out)
+        assert_accounted(o, 5)
+        assert sorted(o.metadata.column("source").to_pylist()) == ["a.parquet"] * 2
+        assert {(r["source"], r["error_stage"]) for r in o.errors.to_pylist()} == {("b.parquet", "read")}
+        assert [b[0] for b in o.manifest["bad_files"]] == ["b.parquet"]
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3, 4, 5, 6, 7), (7, 6, 5, 4, 3, 2, 1, 0), (3, 0, 6, 1, 4, 7, 2, 5)])
+def test_guidance_values_that_are_not_finite_numbers_one_row_per_block(tmp_path, ray_local, tiny_model, order):
+    """NaN, infinite and negative guidance scales are error rows on the first run, whatever the order of the rows
+    and however they fall into blocks: one row per read task, batch and shard, so some blocks hold only error
+    rows, some only nulls in the guidance columns."""
+    from pipeline.config import ALL_STAGE_NAMES, RunConfig, load_stage_config_file
+    from pipeline.run import run
+    from processes import ONE_ROW_STAGES
+
+    nan, inf = float("nan"), float("inf")
+    prior = [nan, inf, -1.0, None, 4.0, None, -inf, 2.0]
+    decoder = [None, 8.0, None, nan, -0.5, inf, None, 1.0]
+    table = write_table(tmp_path / "t.parquet", id=[f"r{i}" for i in order], prompt=[PROMPTS[i] for i in order],
+                        prior_guidance_scale=pa.array([prior[i] for i in order], pa.float64()),
+                        decoder_guidance_scale=pa.array([decoder[i] for i in order], pa.float64()))
+    out = tmp_path / "out"
+    cfg = RunConfig(input_url=str(table), output_url=str(out), model=tiny_model, prior_steps=3, decoder_steps=3,
+                    super_res_steps=2, rows_per_read_task=1, rows_per_shard=1,
+                    stages=load_stage_config_file(ONE_ROW_STAGES, "cpu", "float32", ALL_STAGE_NAMES))
+    summary = run(cfg)
+    assert (summary.rows_in, summary.written, summary.errors) == (8, 1, 7)
+    o = read_output(out)
+    assert_accounted(o, 8)
+    assert o.keys == ["r7"]
+    errors = {r["key"]: r["error"] for r in o.errors.to_pylist()}
+    assert errors["r0"] == "prior_guidance_scale must be a finite number >= 0, got nan"
+    assert errors["r4"] == "decoder_guidance_scale must be a finite number >= 0, got -0.5"
+
+
+def test_pass_through_columns_of_types_json_lacks(tmp_path, ray_local, tiny_model):
+    """Extension (uuid), half-float, duration, decimal, large binary, dictionary and map columns reach the
+    metadata with their types and the per-sample JSON in a readable form, instead of failing every write task
+    after the images were generated."""
+    import decimal
+    import uuid
+
+    ids = [uuid.UUID(int=i + 1) for i in range(2)]
+    columns = dict(
+        prompt=PROMPTS[:2],
+        ref=pa.array([u.bytes for u in ids], pa.uuid()),
+        weight=pa.array([0.5, None], pa.float16()),
+        took=pa.array([1_500_000_000, 2], pa.duration("ns")),
+        price=pa.array([decimal.Decimal("1.25"), None], pa.decimal128(5, 2)),
+        blob=pa.array([b"\x00\x01", b""], pa.large_binary()),
+        style=pa.array(["oil", "ink"]).dictionary_encode(),
+        tags=pa.array([[("a", 1)], []], pa.map_(pa.string(), pa.int64())),
+    )
+    table = write_table(tmp_path / "t.parquet", **columns)
+    out = tmp_path / "out"
+    result = karlo(str(table), str(out), "--model", tiny_model, *FEW_STEPS)
+    assert result.exit_code == 0, result.output
+    o = read_output(out)
+    assert_accounted(o, 2)
+    for name, column in columns.items():
+        if name != "prompt":
+            assert o.metadata.schema.field(name).type == column.type, name
+    with tarfile.open(next((out / "images").glob("*.tar"))) as tar:
+        samples = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+    first = next(s for s in samples if s["prompt"] == PROMPTS[0])
+    assert uuid.UUID(first["ref"]) == ids[0] and first["weight"] == 0.5 and first["took"] == 1.5
+    assert first["price"] == "1.25" and first["blob"] == "AAE=" and first["style"] == "oil"
+    assert first["tags"] == [["a", 1]]
+
+
+def test_pass_through_column_no_metadata_file_can_hold():
+    """A type Parquet cannot store (reachable when tables come from other readers than Parquet files) is found
+    from the schema alone, before any work."""
+    from pipeline.shards import unwritable_columns
+
+    schema = pa.schema([("prompt", pa.string()), ("ref", pa.uuid()), ("span", pa.month_day_nano_interval())])
+    assert unwritable_columns(schema) == [
+        "span (month_day_nano_interval): Unhandled type for Arrow to Parquet schema conversion: "
+        "month_day_nano_interval"]
+
+
+def test_relative_paths_are_resolved_on_the_driver(tmp_path, ray_local, tiny_model, monkeypatch):
+    """INPUT, OUTPUT and --model relative to the driver's working folder, which the actors and write tasks do
+    not share: everything lands in OUTPUT as the user meant, and the manifest names absolute paths."""
+    shutil.copytree(tiny_model, tmp_path / "model")
+    write_table(tmp_path / "in" / "t.parquet", prompt=PROMPTS[:2])
+    monkeypatch.chdir(tmp_path)
+    result = karlo("in", "out", "--model", "model", *FEW_STEPS)
+    assert result.exit_code == 0, result.output
+    o = read_output(tmp_path / "out")
+    assert_accounted(o, 2)
+    assert o.manifest["identity"]["input"] == str(tmp_path / "in")
+    assert o.manifest["identity"]["model"]["model"] == str(tmp_path / "model")
 
 
 def test_values_of_the_wrong_type_become_error_rows(tmp_path, ray_local, tiny_model):
@@ -195,6 +329,26 @@ def test_damaged_model(tmp_path, tiny_model, damage):
     table = write_table(tmp_path / "t.parquet", prompt=["a cat"])
     result = karlo(str(table), str(tmp_path / "out"), "--model", str(model), *FEW_STEPS)
     assert_usage_error(result, f"error: model {model}: {message}", tmp_path / "out")
+
+
+def test_model_with_a_pickle_that_runs_code(tmp_path, tiny_model):
+    """Refused on the driver like every other damaged model (exit 2, one line, before Ray starts and before
+    OUTPUT holds a manifest that would refuse the fixed model as other settings), without running the payload."""
+    import torch
+    from safetensors.torch import load_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    weights = model / "decoder" / "diffusion_pytorch_model.safetensors"
+    marker = tmp_path / "marker"
+    torch.save({**load_file(str(weights)), "payload": Payload(marker)}, weights.with_suffix(".bin"))
+    weights.unlink()
+    table = write_table(tmp_path / "t.parquet", prompt=["a cat"])
+    result = karlo(str(table), str(tmp_path / "out"), "--model", str(model), *FEW_STEPS)
+    assert_usage_error(result, f"error: model {model}: decoder/diffusion_pytorch_model.bin: refusing to load, the "
+                               "file needs unpickling of arbitrary Python objects", tmp_path / "out")
+    assert len(result.output.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 def test_wrong_s3_credentials(tmp_path, s3_bucket, monkeypatch):
@@ -288,17 +442,17 @@ def test_repeats_across_batches_are_found_on_the_driver():
 
     ids = [("a.parquet", ["k", "j", None, 7]), ("b.parquet", ["7", "k", "", None, "k"])]
     duplicates = find_duplicates(ids)
-    assert duplicates == {"b.parquet": frozenset({0, 1, 4})}
+    assert duplicates == {"b.parquet": {0: ("a.parquet", 3), 1: ("a.parquet", 0), 4: ("a.parquet", 0)}}
     batch = pa.table({C.PROMPT: ["p"] * 5, C.ID: ["7", "k", "", None, "k"], C.SOURCE: ["b.parquet"] * 5,
                       C.SOURCE_ROW: pa.array(range(5), pa.int64())})
     out = prepare_batch(batch, run_seed=0, prior_guidance_scale=4.0, decoder_guidance_scale=8.0,
                         duplicates=duplicates)
     assert out.column(C.ERROR).to_pylist() == [
-        "duplicate id '7': an earlier row has the same key '7'",
-        "duplicate id 'k': an earlier row has the same key 'k'",
+        "duplicate id '7': row 3 of 'a.parquet' has the same key '7'",
+        "duplicate id 'k': row 0 of 'a.parquet' has the same key 'k'",
         "id is empty",
         "",
-        "duplicate id 'k': an earlier row has the same key 'k'",
+        "duplicate id 'k': row 0 of 'a.parquet' has the same key 'k'",
     ]
     keys = out.column(C.KEY).to_pylist()
     assert keys[:3] == [derive_key("b.parquet", i) for i in range(3)] and len(set(keys)) == 5

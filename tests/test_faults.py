@@ -293,3 +293,58 @@ def test_a_batch_runs_unguarded_when_the_crash_ledger_does_not_answer(ray_local,
     assert crashes.guarded(lambda t: t.append_column("x", pa.array([1, 2])), table, "decoder", silent).column(
         "x").to_pylist() == [1, 2]
     ray.kill(silent)
+
+
+# ------------------------------------------------------------------------------------------ infrastructure failures
+
+
+def _disk_full() -> Exception:
+    """A write task's ENOSPC as the driver receives it: Ray's task error, whose message is the worker's traceback,
+    with the OSError as its cause."""
+    import ray.exceptions
+
+    cause = OSError(28, "No space left on device", "/out/images/0123456789abcdef.tar")
+    return ray.exceptions.RayTaskError("write", "Traceback (most recent call last):\n  ...\n" + str(cause),
+                                       cause).as_instanceof_cause()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_disk_full_is_one_line_and_exit_1(tmp_path, monkeypatch, verbose):
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+    from pipeline import run as run_module
+
+    def full_disk(*args, **kwargs):
+        raise _disk_full()
+
+    monkeypatch.setattr(run_module, "run", full_disk)
+    table = write_table(tmp_path / "t.parquet", prompt=["a cat"])
+    result = CliRunner().invoke(main, [*(["-v"] if verbose else []), "generate", str(table), str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last == ("error: OSError: [Errno 28] No space left on device: '/out/images/0123456789abcdef.tar' "
+                    "(rerun the same command to resume)")
+    assert ("Traceback" in result.output) == verbose
+
+
+def test_ray_that_does_not_start_is_one_line_and_exit_1(tmp_path, tiny_model, monkeypatch):
+    """Found before OUTPUT is touched, so the rerun starts clean."""
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+    from pipeline import run as run_module
+
+    def no_ray():
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(run_module, "init_ray", no_ray)
+    table = write_table(tmp_path / "t.parquet", prompt=["a cat"])
+    result = CliRunner().invoke(main, ["generate", str(table), str(tmp_path / "out"), "--model", tiny_model])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines() == [
+        "error: Ray failed to start: Exception: The current node timed out during startup. This could happen "
+        "because some of the raylet failed to startup or the GCS has become overloaded. (rerun the same command "
+        "to resume)"]
+    assert not (tmp_path / "out").exists()

@@ -130,6 +130,19 @@ def test_sanitised_ids_stay_distinct():
     assert key_from_id("a/b") != key_from_id("a.b") != key_from_id("a b")
 
 
+def test_ids_spelled_like_made_keys_are_sanitised():
+    """An id spelled like a derived key or another id's sanitised key would take a key the pipeline gives another
+    row; such ids are sanitised as unsafe ones are, so the three kinds of key never meet."""
+    derived, sanitised = derive_key("a.parquet", 0), key_from_id("a b")
+    for ident in (derived, sanitised):
+        key = key_from_id(ident)
+        assert key not in (derived, sanitised) and key.startswith(ident + "-")
+        assert key_from_id(key) != key  # and the result is itself a made key, never an id's verbatim key
+    out = prepare(batch(["a", "b", "c"], id=pa.array([None, derived, sanitised], pa.string())))
+    assert out.column(C.ERROR).to_pylist() == ["", "", ""]
+    assert len(set(out.column(C.KEY).to_pylist())) == 3
+
+
 def test_make_key():
     assert make_key(None, "s", 3) == derive_key("s", 3)
     assert make_key("k", "s", 3) == "k"
@@ -153,7 +166,7 @@ def test_bad_ids_become_error_rows_with_derived_keys(ids, message):
 
 def test_duplicate_ids_in_a_batch():
     out = prepare(batch(["a", "b", "c"], id=["k", "k", "j"]))
-    assert out.column(C.ERROR).to_pylist() == ["", "duplicate id 'k': an earlier row has the same key 'k'", ""]
+    assert out.column(C.ERROR).to_pylist() == ["", "duplicate id 'k': row 0 of 'a.parquet' has the same key 'k'", ""]
     keys = out.column(C.KEY).to_pylist()
     assert keys[0] == "k" and keys[2] == "j" and len(set(keys)) == 3
 

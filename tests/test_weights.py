@@ -22,6 +22,7 @@ import fsspec
 import pytest
 import torch
 from parity_utils import single_thread  # noqa: F401 (fixture)
+from pipeline_utils import Payload
 from safetensors.torch import load_file, save_file
 
 from karlo_model import Karlo, WeightsError, make_tiny_model
@@ -234,18 +235,6 @@ def test_corrupt_safetensors(repo, damage):
     data = path.read_bytes()
     path.write_bytes(b"\x00garbage, not a safetensors header" if damage == "garbage" else data[: len(data) // 2])
     assert f"{path}: not a valid safetensors file" in load_error(repo)
-
-
-def _touch_marker(path: str) -> None:  # what a malicious pickle would run
-    Path(path).write_text("code ran")
-
-
-class Payload:
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (_touch_marker, (self.marker,))
 
 
 def test_pickle_with_code_is_refused_without_running_it(repo, tmp_path):
