@@ -112,14 +112,15 @@ def variations(input_url, output_url, model, stage_config, device, dtype, progre
 
 def _run_command(input_url, output_url, model, stage_config, device, dtype, progress_interval, settings, *,
                  repo: str) -> None:
-    dry = settings.pop("dry_run")
-    """Build the RunConfig, run it, print the summary and exit with the run's status."""
+    """Build the RunConfig, run it (or its dry run), print the summary and exit with the run's status."""
+    from ray.exceptions import RayError
+
     from pipeline.config import ALL_STAGE_NAMES, ConfigError, RunConfig, load_stage_config_file
     from pipeline.reader import InputError
     from pipeline.redact import redact
-    from ray.exceptions import RayError
-
     from pipeline.run import OutputError, RayStartError, run
+
+    dry = settings.pop("dry_run")
 
     if settings.get("min_clip_score") is not None:
         settings["clip_score"] = True
