@@ -44,13 +44,13 @@ class StageActor:
     stage_name: str
 
     def __init__(self, kwargs: dict, crash_ledger: ActorHandle):
+        # Where this actor runs, for the manifest: recorded before the model loads, so an actor the run ends
+        # while it is still loading is counted too (not awaited: the ledger is on the driver's node).
+        crash_ledger.placed.remote(self.stage_name, ray.get_runtime_context().get_node_id(),
+                                   [int(i) for i in ray.get_gpu_ids()], os.getpid())
         self.stage = stage_class(self.stage_name)(**kwargs)
         self.columns = sorted(set(self.stage.inputs) | {C.ERROR, C.ERROR_STAGE})
         self.crash_ledger = crash_ledger
-        # Where this actor runs, for the manifest (not awaited: the ledger is on the driver's node).
-        context = ray.get_runtime_context()
-        crash_ledger.placed.remote(self.stage_name, context.get_node_id(), [int(i) for i in ray.get_gpu_ids()],
-                                   os.getpid())
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if table.num_rows == 0:
