@@ -335,7 +335,7 @@ def test_ray_that_does_not_start_is_one_line_and_exit_1(tmp_path, tiny_model, mo
     from jobs.cli import main
     from pipeline import run as run_module
 
-    def no_ray():
+    def no_ray(echo=None):
         raise Exception("The current node timed out during startup. This could happen because some of the raylet "
                         "failed to startup or the GCS has become overloaded.")
 
