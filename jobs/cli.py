@@ -197,25 +197,20 @@ def plan_cmd(stage_config, device, dtype, clip_score, variations, placement_time
     Exits 0 when every actor places, 2 with a message naming what does not fit.
     """
     from pipeline.config import ALL_STAGE_NAMES, ConfigError, RunConfig, load_stage_config_file
-    from pipeline.placement import format_layout, layout
-    from pipeline.run import check_resources, init_ray
+    from pipeline.dry_run import placement_plan
+    from pipeline.placement import format_layout
 
     try:
         stages = (load_stage_config_file(Path(stage_config).read_text(), device, dtype, ALL_STAGE_NAMES)
                   if stage_config else {})
         # The stages of a run; its input and output play no part in placement.
         cfg = RunConfig(input_url="-", output_url="-", device=device, dtype=dtype, stages=stages,
-                        clip_score=clip_score, task="variations" if variations else "generate")
+                        clip_score=clip_score, task="variations" if variations else "generate",
+                        placement_timeout=placement_timeout)
     except ConfigError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    init_ray(lambda m: click.echo(m, err=True))
-    report = layout(cfg.stages, timeout=placement_timeout)
-    if not report["error"]:
-        try:
-            check_resources(cfg)
-        except ConfigError as e:
-            report["error"] = str(e)
+    report = placement_plan(cfg, echo=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(report, indent=2) if as_json else format_layout(report))
     if report["error"]:
         if as_json:

@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any, Callable
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .manifest import MANIFEST, differences, identity_of_run, model_identity
 from .placement import PlacementError, layout
 from .reader import display_url, plan_inputs
@@ -19,9 +19,24 @@ from .sinks import committed_keys, output_filesystem
 from .variations import check_model_kind, image_column_check
 
 
+def placement_plan(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
+    """What ``karlo plan`` prints: the layout of ``cfg``'s stage actors on the cluster (reserved, then released),
+    its ``error`` the refusal a run would meet, GPUs first, then the CPUs left for reading."""
+    from .run import check_resources, init_ray
+
+    init_ray(echo)
+    report = layout(cfg.stages, timeout=cfg.placement_timeout)
+    if not report["error"]:
+        try:
+            check_resources(cfg)
+        except ConfigError as e:
+            report["error"] = str(e)
+    return report
+
+
 def dry_run(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
     """The report of a dry run of ``cfg``; raises what ``run`` raises for unusable input, model or settings."""
-    from .run import check_resources, default_model, init_ray
+    from .run import default_model
 
     variations = cfg.task == "variations"
     plan = plan_inputs(cfg.input_url, cfg.storage_options, cfg.rows_per_read_task,
@@ -30,11 +45,9 @@ def dry_run(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
     model_id = model_identity(model, cfg.storage_options)
     check_model_kind(cfg.task, model_id)
     identity = identity_of_run(cfg.input_url, model_id, cfg.output_settings())
-    init_ray(echo)
-    placement = layout(cfg.stages, timeout=cfg.placement_timeout)
+    placement = placement_plan(cfg, echo=echo)
     if placement["error"]:
         raise PlacementError(placement["error"])
-    check_resources(cfg)
 
     fs, root = output_filesystem(cfg.output_url, cfg.storage_options)
     conflict: list[str] = []

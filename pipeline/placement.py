@@ -68,6 +68,10 @@ class Packing:
     def gpus(self) -> int:
         return len(self.bins)
 
+    def counts(self, gpu: int) -> dict[str, int]:
+        """Stage -> actors packed onto GPU ``gpu``."""
+        return {name: self.bins[gpu].count(name) for name in dict.fromkeys(self.bins[gpu])}
+
     def bundles(self) -> list[dict[str, float]]:
         return [{"GPU": 1, **({"CPU": c} if c > 0 else {})} for c in self.cpus]
 
@@ -158,14 +162,15 @@ def reserve(stages: Mapping[str, StageConfig], *, timeout: float = 0.0,
     group = placement_group(packing.bundles(), strategy="PACK", name="")
     if echo and have < packing.gpus:
         echo(f"waiting up to {timeout:g} s for {_gpus(packing.gpus)} (the cluster has {have:g} now)")
-    if not group.wait(max(timeout, PENDING_GRACE_S)):
+    wait = max(timeout, PENDING_GRACE_S)
+    if not group.wait(wait):
         remove_placement_group(group)
         have = cluster_gpus()
         if have < packing.gpus:
             raise PlacementError(shortfall_message(packing, stages, have))
         raise PlacementError(
             f"could not reserve {_gpus(packing.gpus)} with {max(packing.cpus):g} CPUs beside each on their nodes within "
-            f"{max(timeout, PENDING_GRACE_S):g} s: other work holds them, or no node has the CPUs a GPU's actors "
+            f"{wait:g} s: other work holds them, or no node has the CPUs a GPU's actors "
             "need (see `karlo plan`)")
     return Reservation(packing, group)
 
@@ -188,10 +193,8 @@ def placement_record(reservation: Reservation | None) -> dict[str, Any] | None:
         return None
     packing = reservation.packing
     return {"gpus": packing.gpus, "strategy": "PACK", "bundles": [
-        {"node_id": node, "actors": {n: actors.count(n) for n in dict.fromkeys(actors)}, "share": share,
-         "cpus": cpus}
-        for node, actors, share, cpus in zip(reservation.bundle_nodes(), packing.bins, packing.shares,
-                                             packing.cpus)]}
+        {"node_id": node, "actors": packing.counts(i), "share": packing.shares[i], "cpus": packing.cpus[i]}
+        for i, node in enumerate(reservation.bundle_nodes())]}
 
 
 def map_batches_args(reservation: Reservation | None, stage: str) -> dict[str, Any]:
@@ -252,8 +255,7 @@ def layout(stages: Mapping[str, StageConfig], *, timeout: float = 0.0) -> dict[s
         reservation.release()
     by_node = {n["node_id"]: n for n in report["nodes"]}
     for i, (node_id, gpu_ids) in enumerate(where):
-        counts = {name: packing.bins[i].count(name) for name in dict.fromkeys(packing.bins[i])}
-        by_node[node_id]["gpus"].append({"index": gpu_ids[0] if gpu_ids else None, "actors": counts,
+        by_node[node_id]["gpus"].append({"index": gpu_ids[0] if gpu_ids else None, "actors": packing.counts(i),
                                          "share": round(packing.shares[i], 4), "cpus": packing.cpus[i]})
     for node in report["nodes"]:
         node["gpus"].sort(key=lambda g: (g["index"] is None, g["index"]))
