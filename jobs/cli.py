@@ -305,7 +305,7 @@ def _source(model: str | None, preset: str | None, random_weights: bool, seed: i
 
 
 def _model_or_default(model: str | None) -> str:
-    from pipeline.run import default_model
+    from pipeline.embedded import default_model
 
     return model or default_model()
 

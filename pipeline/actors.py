@@ -18,7 +18,7 @@ from ray.data.block import BlockAccessor
 from ray.data.extensions import ArrowTensorArray
 
 from . import columns as C
-from . import crashes
+from . import crashes, embedded
 from .config import STAGE_NAMES, RunConfig, StageConfig
 from .placement import Reservation, map_batches_args, per_actor_scheduling
 
@@ -48,7 +48,7 @@ class StageActor:
         # while it is still loading is counted too (not awaited: the ledger is on the driver's node).
         crash_ledger.placed.remote(self.stage_name, ray.get_runtime_context().get_node_id(),
                                    [int(i) for i in ray.get_gpu_ids()], os.getpid())
-        self.stage = stage_class(self.stage_name)(**kwargs)
+        self.stage = stage_class(self.stage_name)(**{**kwargs, "model": embedded.resolve(kwargs["model"])})
         self.columns = sorted(set(self.stage.inputs) | {C.ERROR, C.ERROR_STAGE})
         self.crash_ledger = crash_ledger
 
@@ -85,10 +85,11 @@ ACTOR_CLASSES = {
 
 
 def add_stage(
-    ds: Dataset, name: str, stage: StageConfig, cfg: RunConfig, model: str, ledger: ActorHandle,
-    reservation: Reservation | None,
+    ds: Dataset, name: str, stage: StageConfig, cfg: RunConfig, model: str | embedded.EmbeddedModel,
+    ledger: ActorHandle, reservation: Reservation | None,
 ) -> Dataset:
-    """Append stage ``name`` as an actor pool; ``model`` is the Karlo repo, or the CLIP tower of the score stage;
+    """Append stage ``name`` as an actor pool; ``model`` is the Karlo repo, or the CLIP tower of the score stage
+    (an EmbeddedModel: the embedded default, which each node builds for itself);
     ``ledger`` the run's crash ledger (pipeline.crashes); ``reservation`` the GPUs reserved for the stage actors
     (pipeline.placement), None when no stage uses a GPU."""
     kwargs: dict = dict(

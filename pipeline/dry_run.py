@@ -12,9 +12,11 @@ import math
 from typing import Any, Callable
 
 from .config import ConfigError, RunConfig
+from .embedded import default_model
 from .manifest import MANIFEST, differences, identity_of_run, model_identity
 from .placement import PlacementError, layout
 from .reader import display_url, plan_inputs
+from .shared_paths import check_run_paths
 from .sinks import committed_keys, output_filesystem
 from .variations import check_model_kind, image_column_check
 
@@ -36,8 +38,6 @@ def placement_plan(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, 
 
 def dry_run(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
     """The report of a dry run of ``cfg``; raises what ``run`` raises for unusable input, model or settings."""
-    from .run import default_model
-
     variations = cfg.task == "variations"
     plan = plan_inputs(cfg.input_url, cfg.storage_options, cfg.rows_per_read_task,
                        check_columns=image_column_check(cfg.image_column) if variations else None)
@@ -48,6 +48,7 @@ def dry_run(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
     placement = placement_plan(cfg, echo=echo)
     if placement["error"]:
         raise PlacementError(placement["error"])
+    check_run_paths(cfg, plan, probe_output=False)
 
     fs, root = output_filesystem(cfg.output_url, cfg.storage_options)
     conflict: list[str] = []

@@ -6,27 +6,21 @@ read -> prepare (validate, key, seed; drop rows already committed) -> prior -> d
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
 import ray
 
-from karlo_model import make_tiny_model
-from karlo_model.weights import cache_root
-
 from . import columns as C
 from . import crashes
 from .actors import add_stage
 from .config import ConfigError, RunConfig
+from .embedded import EmbeddedModel, default_model
 from .encode import ENCODE_CPUS, add_encode
 from .manifest import MANIFEST, SUCCESS, differences, identity_of_run, model_identity, now, package_versions
 from .placement import placement_record, reserved
@@ -36,6 +30,7 @@ from .redact import storage_error
 from .schema import find_duplicates, prepare_and_skip
 from .scoring import check_tower, clip_model_for, reference_column
 from .shards import unwritable_columns
+from .shared_paths import check_run_paths
 from .variations import check_model_kind, image_column_check, prepare_images
 from .sinks import (
     CLIP_EMB_DIR,
@@ -59,7 +54,6 @@ from .sinks import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "tiny-random-v1"
 # A write task assembles encoded files and uploads them: little CPU, mostly waiting on storage. It reserves no CPU:
 # Ray Data caps a run's CPUs at what its autoscaling coordinator reserved for it, which can shrink to what the
 # actor pools already hold (leftover fractions of a CPU are not handed out), and a write task that needs a share
@@ -112,24 +106,6 @@ class RunSummary:
     @property
     def ok(self) -> bool:
         return self.complete and self.errors == 0 and not self.bad_files
-
-
-def default_model(variations: bool = False) -> str:
-    """The embedded default: a tiny random-weight model (or its image-variations sibling, which shares its text
-    encoder), built once per machine into the cache."""
-    name = f"{DEFAULT_MODEL_NAME}-variations" if variations else DEFAULT_MODEL_NAME
-    target = cache_root() / name
-    if (target / "model_index.json").is_file():
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "model_index.json").is_file():
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-            make_tiny_model(tmp, seed=0, preset_name="tiny", variations=variations)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
-    return str(target)
 
 
 def init_ray(echo: Callable[[str], None] | None = None) -> None:
@@ -226,6 +202,8 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
     if unwritable:
         raise InputError(f"{plan.url}: columns the metadata files cannot hold: {'; '.join(unwritable)}; drop or "
                          "convert them")
+    # The stage actors get the embedded default as such: each node builds its own copy (pipeline.embedded).
+    model_ref = cfg.model or EmbeddedModel(variations)
     model = cfg.model or default_model(variations)
     model_id = model_identity(model, cfg.storage_options)
     check_model_kind(cfg.task, model_id)
@@ -233,6 +211,7 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
     if cfg.clip_score:
         clip_model = clip_model_for(cfg, model, default_model(variations=True) if cfg.model is None else None)
         clip_info = check_tower(clip_model, model, cfg.storage_options)
+        clip_ref = EmbeddedModel(variations=True) if cfg.model is None and cfg.clip_model is None else clip_model
     # Before OUTPUT is touched: a run that cannot be placed must not leave a manifest that refuses the fixed rerun.
     try:
         init_ray(echo)
@@ -241,6 +220,7 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
         raise RayStartError(f"Ray failed to start: {type(e).__name__}: {first_line}") from e
     with reserved(cfg.stages, timeout=cfg.placement_timeout, echo=echo) as reservation:
         check_resources(cfg)
+        check_run_paths(cfg, plan)
         fs, root, previous = _open_output(cfg, identity)
 
         removed = remove_uncommitted(cfg.output_url, cfg.storage_options)
@@ -302,7 +282,7 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
             )
             ledger = crashes.new_ledger()
             for name in cfg.stages:
-                ds = add_stage(ds, name, cfg.stages[name], cfg, clip_model if name == "clip_score" else model, ledger,
+                ds = add_stage(ds, name, cfg.stages[name], cfg, clip_ref if name == "clip_score" else model_ref, ledger,
                                reservation)
             if variations:  # the decoder's guidance switch (always 1: no prior) is not a setting of the outputs
                 ds = ds.drop_columns([C.PRIOR_GUIDANCE_SCALE], num_cpus=0.25)

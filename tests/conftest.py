@@ -70,7 +70,7 @@ def karlo_env():
 @pytest.fixture(scope="session")
 def tiny_model(karlo_env) -> str:
     """The embedded default model (the tiny random preset), built once into the session's KARLO_CACHE."""
-    from pipeline.run import default_model
+    from pipeline.embedded import default_model
 
     return default_model()
 
@@ -78,7 +78,7 @@ def tiny_model(karlo_env) -> str:
 @pytest.fixture(scope="session")
 def tiny_variations_model(karlo_env) -> str:
     """The embedded image-variations model: the tiny model's components, no prior, a tiny CLIP vision tower."""
-    from pipeline.run import default_model
+    from pipeline.embedded import default_model
 
     return default_model(variations=True)
 

@@ -84,7 +84,7 @@ class LocalCluster:
             env["RAY_ADDRESS"] = self.address
         return env
 
-    def _start(self, name: str, args: list[str], env: dict[str, str]) -> Node:
+    def _start(self, name: str, args: list[str], env: dict[str, str], hide: Path | None = None) -> Node:
         ports = free_ports(7)
         objects, nodes, agent, agent_grpc, runtime_env, metrics, client = ports
         workers = worker_port_range(ports + [self.gcs_port])
@@ -96,6 +96,9 @@ class LocalCluster:
                "--object-store-memory", str(200 * 1024**2), *args]
         if "--head" in args:
             cmd += ["--ray-client-server-port", str(client)]
+        if hide is not None:
+            # The node's own mount namespace, an empty tmpfs over ``hide``: a machine whose disk lacks that folder.
+            cmd = [*UNSHARE, "sh", "-c", 'mount -t tmpfs karlo-hidden "$0" && exec "$@"', str(hide), *cmd]
         log = self.temp / f"{name}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -108,11 +111,12 @@ class LocalCluster:
         return {**_base_env(), "RAY_TMPDIR": str(self.temp), **(env or {})}
 
     def add_node(self, *, cpus: float, gpus: int = 0, env: dict[str, str] | None = None,
-                 wait: bool = True) -> Node:
-        """Start a worker node; with ``wait``, return once the cluster counts it."""
+                 wait: bool = True, hide: Path | None = None) -> Node:
+        """Start a worker node; with ``wait``, return once the cluster counts it. With ``hide``, that folder (and
+        everything under it) does not exist on the node (see :func:`can_hide_folders`)."""
         before = self.alive_nodes()
         node = self._start(f"node{len(self.nodes)}", ["--address", self.address, "--num-cpus", f"{cpus:g}",
-                                                      "--num-gpus", str(gpus)], self._node_env(env))
+                                                      "--num-gpus", str(gpus)], self._node_env(env), hide)
         if wait:
             self.wait_for_nodes(before + 1, node)
         return node
@@ -135,6 +139,22 @@ class LocalCluster:
     def stop(self) -> None:
         for node in reversed(self.nodes):
             node.kill()
+
+
+# A private mount namespace (as root; otherwise inside a user namespace that maps the caller to root).
+UNSHARE = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-r", "-m"]
+
+
+def can_hide_folders() -> bool:
+    """Whether this machine lets a process mount a tmpfs in a private mount namespace (containers may not)."""
+    probe = tempfile.mkdtemp(prefix="kc-hide-")
+    try:
+        return subprocess.run([*UNSHARE, "mount", "-t", "tmpfs", "karlo-hidden", probe],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    finally:
+        os.rmdir(probe)
 
 
 def _base_env() -> dict[str, str]:

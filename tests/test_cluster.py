@@ -8,6 +8,7 @@ without a GPU cannot run the networks in CUDA.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from pipeline_utils import PROMPTS, read_output, write_table
-from ray_cluster import local_cluster
+from ray_cluster import can_hide_folders, local_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -151,6 +152,35 @@ def test_dry_run_reports_placement_and_input_and_writes_nothing(two_nodes_of_fou
     assert table.exists()
 
 
+@pytest.mark.skipif(not can_hide_folders(), reason="needs a private mount namespace (unshare -m) to hide a folder")
+def test_local_paths_a_node_cannot_see_are_refused_before_any_work(two_nodes_of_four, tmp_path, tiny_model):
+    """A node whose disk lacks the folder of a local input, model and OUTPUT (as a second machine without a
+    shared mount would): the run is refused with exit 2 and one line naming them, before any work, leaving no
+    manifest; the dry run refuses the same. (Last user of the module's cluster: the node is killed at the end.)"""
+    local = tmp_path / "local"
+    table = write_table(local / "prompts.parquet", prompt=PROMPTS[:2])
+    model = local / "model"
+    shutil.copytree(tiny_model, model)
+    out = local / "out"
+    blind = two_nodes_of_four.add_node(cpus=1, hide=local)
+    try:
+        env = two_nodes_of_four.client_env()
+        result = karlo(env, "generate", str(table), str(out), "--model", str(model), "--progress-interval", "0")
+        assert result.returncode == 2, result.stderr[-5000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: input {table}, model {model}, OUTPUT {out}: local paths that 1 of the "
+                               "cluster's 4 nodes cannot see"), last
+        assert "object storage (s3://...) or a filesystem mounted at the same path on every node" in last
+        assert "Traceback" not in result.stderr
+        assert not out.exists()  # created for the probe, removed with it: no manifest to refuse the fixed rerun
+        dry = karlo(env, "generate", str(table), str(out), "--model", str(model), "--dry-run")
+        assert dry.returncode == 2, dry.stderr[-5000:]
+        assert dry.stderr.strip().splitlines()[-1].startswith(f"error: input {table}, model {model}: local paths")
+        assert sorted(p.name for p in local.iterdir()) == ["model", "prompts.parquet"]
+    finally:
+        blind.kill()
+
+
 @pytest.fixture(scope="module")
 def one_node_of_eight():
     with local_cluster(head_cpus=32, head_gpus=8) as cluster:
@@ -271,13 +301,15 @@ def test_node_that_joins_mid_run_gets_actors_of_autoscaling_pools(tmp_path, tiny
     stages.write_text("prior: {batch_size: 4, actors: 1}\ndecoder: {batch_size: 1, actors: [1, 6], num_cpus: 0.5}\n"
                       "super_res: {batch_size: 4, actors: 1}\n")
     out = tmp_path / "out"
-    args = [str(table), str(out), "--model", tiny_model, "--prior-steps", "2", "--decoder-steps", "25",
+    # No --model: the embedded default, which the joining node (a disk of its own) builds in its own cache.
+    node_cache = tmp_path / "node-cache"
+    args = [str(table), str(out), "--prior-steps", "2", "--decoder-steps", "25",
             "--super-res-steps", "2", "--stage-config", str(stages), "--progress-interval", "0"]
     with local_cluster(head_cpus=2) as cluster:
         with generate(args, tmp_path / "run.log", cluster.client_env()) as g:
             wait_until(lambda: "started" in g.output() or "MapBatches" in g.output(), g, timeout=300,
                        what="the pipeline's start")
-            joined = cluster.add_node(cpus=2, wait=False)
+            joined = cluster.add_node(cpus=2, wait=False, env={"KARLO_CACHE": str(node_cache)})
             rc = g.wait(timeout=600)
             assert rc == 0, g.output()[-5000:]
         assert joined.proc.poll() is None
@@ -285,3 +317,8 @@ def test_node_that_joins_mid_run_gets_actors_of_autoscaling_pools(tmp_path, tiny
     assert len(result.keys) == 24 and result.errors.num_rows == 0
     nodes = {a["node_id"] for a in result.manifest["actors"] if a["stage"] == "decoder"}
     assert len(nodes) == 2, result.manifest["actors"]
+    built = sorted(p.relative_to(node_cache).as_posix() for p in node_cache.rglob("*.safetensors"))
+    assert built == sorted(p.relative_to(Path(tiny_model).parent).as_posix()
+                           for p in Path(tiny_model).rglob("*.safetensors"))
+    for rel in built:  # the same bytes as the driver's copy, which the run's identity hashed
+        assert (node_cache / rel).read_bytes() == (Path(tiny_model).parent / rel).read_bytes(), rel
