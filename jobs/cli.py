@@ -163,13 +163,15 @@ def _run_command(input_url, output_url, model, stage_config, device, dtype, prog
 
 
 def _first_cause(e: BaseException) -> str:
-    """One line for an infrastructure failure: the innermost OSError among its causes (Ray wraps a write task's
-    error, its traceback in the message), else the first line of the error itself."""
+    """One line for an infrastructure failure: the innermost OSError among its causes (Ray wraps a task's error,
+    its traceback in the message), else the innermost error that is not Ray's wrapper, else the error itself."""
     chain: list[BaseException] = []
     while e is not None and e not in chain:
         chain.append(e)
-        e = e.__cause__ or getattr(e, "cause", None) or e.__context__
-    cause = next((c for c in reversed(chain) if isinstance(c, OSError)), chain[0])
+        # A RayTaskError's ``cause`` is the task's own exception; its __cause__ only Ray Data's marker.
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    cause = next((c for c in reversed(chain) if isinstance(c, OSError)), None) or next(
+        (c for c in reversed(chain) if not type(c).__module__.startswith("ray.")), chain[0])
     lines = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {lines[0] if lines else ''}"
 

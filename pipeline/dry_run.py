@@ -40,7 +40,8 @@ def dry_run(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
     """The report of a dry run of ``cfg``; raises what ``run`` raises for unusable input, model or settings."""
     variations = cfg.task == "variations"
     plan = plan_inputs(cfg.input_url, cfg.storage_options, cfg.rows_per_read_task,
-                       check_columns=image_column_check(cfg.image_column) if variations else None)
+                       check_columns=image_column_check(cfg.image_column) if variations else None,
+                       exclude=cfg.output_url)
     model = cfg.model or default_model(variations)
     model_id = model_identity(model, cfg.storage_options)
     check_model_kind(cfg.task, model_id)

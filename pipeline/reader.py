@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import posixpath
 import re
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -78,11 +79,13 @@ def plan_inputs(
     storage_options: dict | None = None,
     rows_per_task: int = 256,
     check_columns: Callable[[pa.Schema, str, str], None] | None = None,
+    exclude: str | None = None,
 ) -> InputPlan:
     """List the Parquet files at ``url`` (a file, a folder searched recursively, or a glob) and read their footers.
 
     ``check_columns(schema, source, shown_url)`` raises InputError for a file whose columns cannot be used; the
-    default is the prompt-table rules (image variations bring their own)."""
+    default is the prompt-table rules (image variations bring their own). Files under ``exclude`` (the run's
+    OUTPUT, when it lies inside a folder INPUT) are not input: its metadata tables would be read as prompts."""
     check_columns = check_columns or _check_columns
     if rows_per_task < 1:
         raise ValueError(f"rows_per_task must be >= 1, got {rows_per_task}")
@@ -90,7 +93,7 @@ def plan_inputs(
     shown = display_url(url)
     fs, path = fsspec.core.url_to_fs(url, **storage_options)
     try:
-        root, sizes = _list_files(fs, path, shown)
+        root, sizes = _list_files(fs, path, shown, _excluded_prefix(fs, exclude, storage_options))
         paths = sorted(sizes)
         with ThreadPoolExecutor(min(_FOOTER_THREADS, len(paths))) as pool:
             footers = list(pool.map(lambda p: _read_footer(fs, p, sizes[p]), paths))
@@ -104,6 +107,11 @@ def plan_inputs(
             bad.append((source, footer))
             continue
         schema = pa.schema([f for f in footer.schema_arrow if not _PANDAS_INDEX.fullmatch(f.name)])
+        repeated = [(name, n) for name, n in Counter(schema.names).items() if n > 1]
+        if repeated:  # Arrow writes such files, but no column of them can be selected by name
+            bad.append((source, "; ".join(f"column {name!r} appears {n} times" for name, n in repeated)
+                        + " (column names must be unique)"))
+            continue
         check_columns(schema, source, shown)
         meta = footer.metadata
         groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
@@ -200,8 +208,18 @@ def display_url(url: str) -> str:
     return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1", url)
 
 
-def _list_files(fs: fsspec.AbstractFileSystem, path: str, shown: str) -> tuple[str | None, dict[str, int]]:
-    """(root that sources are relative to, or None for a single file; {path: size}) of the files to plan."""
+def _excluded_prefix(fs: fsspec.AbstractFileSystem, exclude: str | None, storage_options: dict) -> str | None:
+    """``exclude`` as a path prefix of ``fs`` ("/"-terminated), None if it is on another filesystem."""
+    if exclude is None:
+        return None
+    other, path = fsspec.core.url_to_fs(exclude, **storage_options)
+    return path.rstrip("/") + "/" if other.protocol == fs.protocol else None
+
+
+def _list_files(fs: fsspec.AbstractFileSystem, path: str, shown: str,
+                exclude: str | None = None) -> tuple[str | None, dict[str, int]]:
+    """(root that sources are relative to, or None for a single file; {path: size}) of the files to plan, none of
+    them under the ``exclude`` prefix."""
     if any(c in path for c in _GLOB_CHARS):
         parts = path.split("/")
         first_wild = next(i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS))
@@ -220,6 +238,7 @@ def _list_files(fs: fsspec.AbstractFileSystem, path: str, shown: str) -> tuple[s
         p: info["size"]
         for p, info in found.items()
         if info["type"] == "file" and not any(part[:1] in "._" for part in p[len(root) :].split("/") if part)
+        and not (exclude and p.startswith(exclude))
     }
     if not sizes:
         raise InputError(f"no Parquet files found at {shown}")
@@ -344,6 +363,20 @@ class _WatchedFile:
         return f"damaged Parquet data: {type(e).__name__}: {e}".replace("\n", " ")[:1000]
 
 
+class InputChangedError(RuntimeError):
+    """An input file was rewritten after the run planned it: its rows are not the ones planned. The run fails
+    (exit 1) instead of reading other rows under the planned rows' keys; its rerun plans the file again."""
+
+
+def _check_unchanged(f: InputFile, meta: pq.FileMetaData) -> None:
+    now = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+    if now != f.row_group_rows:
+        raise InputChangedError(
+            f"input file {f.source!r} changed after the run was planned ({f.num_rows} rows in "
+            f"{len(f.row_group_rows)} row groups then, {meta.num_rows} in {len(now)} now)"
+        )
+
+
 def _slice_bytes(f: InputFile, rows: int) -> int:
     # The file's share for these rows, plus the source columns the read adds (8-byte offset + name per row; the
     # read error is null for rows read).
@@ -363,6 +396,7 @@ def _slice_reader(f: InputFile, start: int, stop: int, schema: pa.Schema, storag
             fh = _WatchedFile(raw)
             try:
                 pf = pq.ParquetFile(fh)
+                _check_unchanged(f, pf.metadata)
                 wanted = [name for name in pf.schema_arrow.names if name in schema.names]
                 table = pf.read_row_groups(groups, columns=wanted)
             except (pa.ArrowException, OSError) as e:

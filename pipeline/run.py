@@ -197,7 +197,8 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
     started = time.time()
     variations = cfg.task == "variations"
     plan: InputPlan = plan_inputs(cfg.input_url, cfg.storage_options, cfg.rows_per_read_task,
-                                  check_columns=image_column_check(cfg.image_column) if variations else None)
+                                  check_columns=image_column_check(cfg.image_column) if variations else None,
+                                  exclude=cfg.output_url)
     unwritable = unwritable_columns(plan.schema)
     if unwritable:
         raise InputError(f"{plan.url}: columns the metadata files cannot hold: {'; '.join(unwritable)}; drop or "

@@ -170,6 +170,27 @@ def test_damaged_data_pages_behind_a_sound_footer(tmp_path, ray_local, tiny_mode
         assert [b[0] for b in o.manifest["bad_files"]] == ["b.parquet"]
 
 
+def test_output_inside_input_and_a_file_with_a_repeated_column(tmp_path, ray_local, tiny_model):
+    """OUTPUT inside the INPUT folder resumes (its metadata tables are not read as prompts on the rerun), and a
+    file whose columns share a name is named as unreadable instead of failing every read task."""
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    write_table(data / "a.parquet", prompt=PROMPTS[:2])
+    pq.write_table(pa.Table.from_arrays([pa.array(PROMPTS[2:4]), pa.array([1, 2]), pa.array([3, 4])],
+                                        names=["prompt", "n", "n"]), data / "b.parquet")
+    out = data / "out"
+    for attempt in range(2):
+        result = karlo(str(data), str(out), "--model", tiny_model, *FEW_STEPS)
+        assert result.exit_code == 3, result.output
+        assert "Traceback" not in result.output
+        assert "unreadable file  b.parquet: column 'n' appears 2 times (column names must be unique)" in result.output
+        o = read_output(out)
+        assert_accounted(o, 2)
+        assert o.manifest["attempts"] == attempt + 1
+    assert "resuming: 2 of 2 rows are already committed" in result.output
+
+
 @pytest.mark.parametrize("order", [(0, 1, 2, 3, 4, 5, 6, 7), (7, 6, 5, 4, 3, 2, 1, 0), (3, 0, 6, 1, 4, 7, 2, 5)])
 def test_guidance_values_that_are_not_finite_numbers_one_row_per_block(tmp_path, ray_local, tiny_model, order):
     """NaN, infinite and negative guidance scales are error rows on the first run, whatever the order of the rows

@@ -115,6 +115,35 @@ def test_corrupt_files_among_good_ones_are_reported_not_fatal(tmp_path):
     assert reasons["footer.parquet"].startswith("corrupt Parquet footer: ")
 
 
+def test_files_with_a_repeated_column_name_are_reported_not_fatal(tmp_path):
+    """Arrow writes tables whose columns share a name, but none of those columns can be selected by name: the
+    file is named as unreadable, the others are planned."""
+    write(tmp_path / "good.parquet", prompt=["x"])
+    pq.write_table(pa.Table.from_arrays([pa.array(["y"]), pa.array([1]), pa.array([2])], names=["prompt", "x", "x"]),
+                   tmp_path / "twice.parquet")
+    plan = plan_inputs(str(tmp_path))
+    assert [f.source for f in plan.files] == ["good.parquet"]
+    assert plan.bad_files == (("twice.parquet", "column 'x' appears 2 times (column names must be unique)"),)
+
+
+@pytest.mark.parametrize("pattern", ["", "*.parquet", "**/*.parquet"])
+def test_output_inside_the_input_folder_is_not_input(tmp_path, pattern):
+    """OUTPUT inside INPUT: its metadata tables (which hold reserved columns) are not read as prompts, so a rerun
+    plans the same files as the first run."""
+    write(tmp_path / "a.parquet", prompt=["x"])
+    write(tmp_path / "out" / "metadata" / "m.parquet", prompt=["y"], key=["k"])
+    write(tmp_path / "outer" / "b.parquet", prompt=["z"])  # a sibling whose name starts like OUTPUT's
+    url = f"{tmp_path}/{pattern}" if pattern else str(tmp_path)
+    plan = plan_inputs(url, exclude=str(tmp_path / "out"))
+    expected = ["a.parquet", "outer/b.parquet"] if pattern != "*.parquet" else ["a.parquet"]
+    assert [f.source for f in plan.files] == expected
+    assert plan_inputs(url, exclude=f"file://{tmp_path}/out/").files == plan.files
+    if pattern != "*.parquet":  # which does not reach out/metadata/ anyway
+        # Without it (or with an OUTPUT on another filesystem), the metadata table is read as a prompt table.
+        assert "has a column named 'key', which is reserved" in plan_error(url)
+        assert "reserved" in plan_error(url, exclude=f"s3://bucket{tmp_path}/out")
+
+
 # Planning errors
 
 
@@ -224,6 +253,20 @@ def test_read_fits_beside_actor_pools_holding_most_cpus(tmp_path, ray_local):
 def test_read_empty_table(tmp_path, ray_local):
     path = write(tmp_path / "e.parquet", prompt=pa.array([], pa.string()))
     assert read_prompts(plan_inputs(str(path))).count() == 0
+
+
+def test_file_rewritten_after_planning_fails_the_read_in_one_line(tmp_path, ray_local):
+    """A file replaced between planning and reading (fewer rows) must not be read under the planned rows' keys:
+    its read fails, and the command's one-line message says why (the rerun plans it again)."""
+    from jobs.cli import _first_cause
+
+    path = write(tmp_path / "t.parquet", prompt=prompts(6))
+    plan = plan_inputs(str(path))
+    write(path, prompt=prompts(4, "new"))
+    with pytest.raises(Exception) as e:
+        read_prompts(plan).take_all()
+    assert _first_cause(e.value) == ("InputChangedError: input file 't.parquet' changed after the run was planned "
+                                      "(6 rows in 1 row groups then, 4 in 1 now)")
 
 
 def test_plan_and_read_from_s3(tmp_path, ray_local, s3_bucket):
