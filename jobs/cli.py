@@ -448,4 +448,5 @@ main.add_command(render_k8s_cmd)
 main.add_command(launch_rayjob_cmd)
 
 if __name__ == "__main__":
-    main()
+    # Jobs run the command as `python -m jobs.cli`; its messages name it as the user typed it.
+    main(prog_name="karlo")

@@ -60,6 +60,13 @@ def runtime_env(*, upload_code: bool, working_dir: str | None, pip: Sequence[str
     return env
 
 
+def relative_paths(command: Sequence[str]) -> list[str]:
+    """Arguments of ``command`` that are relative paths of files or folders here. The job runs in a folder of its
+    own on the cluster, where they resolve only inside an uploaded --working-dir."""
+    return [arg for arg in command[1:]
+            if not arg.startswith("-") and "://" not in arg and not os.path.isabs(arg) and os.path.exists(arg)]
+
+
 def entrypoint(command: Sequence[str]) -> str:
     """The shell command the cluster runs: the same ``karlo`` command, through the module so that no console
     script needs to be installed there."""
@@ -79,7 +86,11 @@ def client(address: str | None):
     try:
         return JobSubmissionClient(address)
     except AuthenticationError as e:
-        raise SubmitError(f"the cluster at {address} refused the request: {e}") from None
+        raise SubmitError(
+            f"the cluster at {address} refused the request: {e}. A cluster with token authentication needs "
+            "RAY_AUTH_MODE=token here too, with its token in RAY_AUTH_TOKEN, in a file named by RAY_AUTH_TOKEN_PATH "
+            "or in ~/.ray/auth_token (README.md, 'Clusters, sweeps and schedules')"
+        ) from None
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise SubmitError(f"cannot reach the Ray dashboard at {address}: {e}") from None
 
@@ -163,6 +174,13 @@ def submit_cmd(ctx, address, working_dir, pip, env, gpus, cpus, submission_id, n
     if gpus and name in PIPELINE_COMMANDS:
         click.echo(f"note: --gpus reserves GPUs for the {name} driver, which does no GPU work; its stages ask for "
                    "GPUs through --device cuda and --stage-config", err=True)
+    relative = relative_paths(command)
+    if relative and not working_dir:
+        raise click.UsageError(
+            f"{', '.join(relative[:3])}: relative to this folder, which the job on the cluster does not have; pass "
+            "--working-dir . to upload this folder with the job (relative paths then resolve inside it), or use "
+            "object-storage URLs"
+        )
     renv = runtime_env(upload_code=not no_upload, working_dir=working_dir, pip=pip, env_vars=env_vars)
     try:
         jobs_client = client(address)

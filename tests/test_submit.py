@@ -150,12 +150,36 @@ def test_cluster_errors_are_clear(ray_head):
     env = {k: v for k, v in ray_head.client_env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
     proc = ray_head.karlo("submit", "--address", ray_head.address, "--", "make-tiny-model", "/tmp/x", env=env)
     assert proc.returncode == 1 and "refused the request" in proc.stderr and "token" in proc.stderr
+    assert "needs RAY_AUTH_MODE=token here too, with its token in RAY_AUTH_TOKEN" in proc.stderr
     assert "Traceback" not in proc.stderr
     missing = ray_head.karlo("jobs", "status", "--address", ray_head.address, "raysubmit_nope")
     assert missing.returncode == 1 and "no job raysubmit_nope" in missing.stderr
     port = free_ports(1)[0]
     down = ray_head.karlo("jobs", "status", "--address", f"http://127.0.0.1:{port}", "x")
     assert down.returncode == 1 and "cannot reach the Ray dashboard" in down.stderr
+
+
+def test_relative_paths_need_the_working_dir_they_are_relative_to(tmp_path, monkeypatch):
+    """A relative path in the command resolves on the cluster only inside an uploaded --working-dir."""
+    monkeypatch.chdir(tmp_path)
+    Path("prompts.parquet").write_bytes(b"")
+    Path("configs").mkdir()
+    runner = CliRunner()
+    result = runner.invoke(main, ["submit", "--address", "http://127.0.0.1:1", "--", "generate", "prompts.parquet",
+                                  "s3://b/out", "--stage-config", "configs", "--device", "cpu"])
+    assert result.exit_code == 2
+    assert "prompts.parquet, configs: relative to this folder, which the job on the cluster does not have; pass " \
+           "--working-dir . to upload" in result.output
+    # With --working-dir the command goes on to the cluster (here: none answers).
+    result = runner.invoke(main, ["submit", "--address", "http://127.0.0.1:1", "--working-dir", ".", "--",
+                                  "generate", "prompts.parquet", "s3://b/out"])
+    assert result.exit_code == 1 and "cannot reach the Ray dashboard" in result.output
+
+
+def test_the_command_a_job_runs_names_itself_karlo():
+    """Jobs run `python -m jobs.cli`; its usage errors still read as the user's `karlo` command."""
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "generate"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Usage: karlo generate" in proc.stderr, proc.stderr
 
 
 def test_usage_errors():
