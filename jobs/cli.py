@@ -14,10 +14,15 @@ EXIT_ROW_ERRORS = 3  # the run finished, but some rows (or input files) could no
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Log debug messages, with Ray's own start-up messages, progress bars and warnings.")
 def main(verbose: bool) -> None:
     """Batch image generation with Karlo v1 alpha (unCLIP) on Ray Data."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        from pipeline.quiet import quiet_ray
+
+        quiet_ray()
     # botocore's debug log prints request headers, session tokens included.
     for name in ("botocore", "aiobotocore"):
         logging.getLogger(name).setLevel(logging.INFO)

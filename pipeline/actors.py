@@ -78,10 +78,28 @@ def to_arrow(values: np.ndarray) -> pa.Array:
 
 
 # One subclass per stage so that Ray's progress and stats name the operators (MapBatches(PriorActor), ...).
-ACTOR_CLASSES = {
-    name: type(f"{''.join(w.title() for w in name.split('_'))}Actor", (StageActor,), {"stage_name": name})
-    for name in STAGE_CLASSES
-}
+# Defined here at module level, so that Ray ships them by reference, not pickled by value with every actor.
+class PriorActor(StageActor):
+    stage_name = "prior"
+
+
+class ImageEncoderActor(StageActor):
+    stage_name = "image_encoder"
+
+
+class DecoderActor(StageActor):
+    stage_name = "decoder"
+
+
+class SuperResActor(StageActor):
+    stage_name = "super_res"
+
+
+class ClipScoreActor(StageActor):
+    stage_name = "clip_score"
+
+
+ACTOR_CLASSES = {c.stage_name: c for c in (PriorActor, ImageEncoderActor, DecoderActor, SuperResActor, ClipScoreActor)}
 
 
 def add_stage(

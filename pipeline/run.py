@@ -25,6 +25,7 @@ from .encode import ENCODE_CPUS, add_encode
 from .manifest import MANIFEST, SUCCESS, differences, identity_of_run, model_identity, now, package_versions
 from .placement import placement_record, reserved
 from .progress import report_progress
+from .quiet import quiet_ray_data
 from .reader import InputError, InputPlan, display_url, plan_inputs, read_column, read_prompts
 from .redact import storage_error
 from .schema import find_duplicates, prepare_and_skip
@@ -117,6 +118,7 @@ def init_ray(echo: Callable[[str], None] | None = None) -> None:
     """
     if ray.is_initialized():
         return
+    quiet_ray_data()
     address = os.environ.get("RAY_ADDRESS", "")
     if address and address != "local":
         ray.init(log_to_driver=True)

@@ -50,6 +50,12 @@ def test_generate_example_with_the_console_script(tmp_path, tiny_model):
     assert "images written   8" in proc.stdout and "error rows       0" in proc.stdout
     assert f"output           {out}" in proc.stdout and "images/s" in proc.stdout
     assert "Traceback" not in proc.stderr
+    # Without a terminal, stderr holds our lines: no Ray start-up notes, progress blocks or advisory warnings.
+    for chatter in ("Started a local Ray instance", "Token authentication", "logging_progress", "Execution plan",
+                    "only received", "Progress bars disabled"):
+        assert chatter not in proc.stderr, chatter
+    others = [line for line in proc.stderr.splitlines() if not line.startswith("[karlo]")]
+    assert len(others) <= 4, proc.stderr  # the random-weights note, the Ray line, Ray's core-worker line
 
     result = read_output(out)
     example = pq.read_table(EXAMPLE).to_pylist()
