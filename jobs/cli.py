@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 EXIT_ROW_ERRORS = 3  # the run finished, but some rows (or input files) could not be generated
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -151,6 +152,10 @@ def _run_command(input_url, output_url, model, stage_config, device, dtype, prog
             click.echo(format_dry_run(dry_run(cfg, echo=echo)))
             return
         summary = run(cfg, echo=echo, progress_interval=progress_interval)
+    except KeyboardInterrupt:
+        # Click would print only "Aborted!". Committed shards are whole; partial files are removed by the rerun.
+        click.echo("\ninterrupted: the shards committed so far are kept; rerun the same command to resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except (InputError, ConfigError, OutputError) as e:
         click.echo(f"error: {redact(str(e))}", err=True)
         sys.exit(2)

@@ -120,6 +120,23 @@ def test_driver_killed_mid_run_then_rerun_finishes_as_if_uninterrupted(tmp_path,
 
 
 @pytest.mark.slow
+def test_ctrl_c_says_that_a_rerun_resumes(tmp_path, args):
+    """SIGINT (Ctrl-C) mid-run: exit 130 with one line saying what is kept and how to resume, no traceback."""
+    import signal
+
+    out = tmp_path / "out"
+    with generate(command(args, str(out)), tmp_path / "first.log", karlo_env()) as g:
+        wait_until(lambda: len(markers(out)) >= 1, g, 300, "committed shard")
+        g.proc.send_signal(signal.SIGINT)
+        rc = g.wait(timeout=120)
+        log = g.output()
+    assert rc == 130, log[-5000:]
+    assert log.strip().splitlines()[-1] == ("interrupted: the shards committed so far are kept; rerun the same "
+                                            "command to resume")
+    assert "Traceback" not in log and "Aborted!" not in log
+
+
+@pytest.mark.slow
 def test_local_ray_killed_mid_run_then_rerun_finishes(tmp_path, args, expected):
     """GCS and raylet die under a running driver: it fails (after Ray's GCS reconnect timeout, shortened here from
     60 s to keep the test fast) instead of hanging, and the same command then finishes the work."""
