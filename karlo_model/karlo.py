@@ -6,7 +6,6 @@ its own process: a stage hands the next one its outputs and every row's generato
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -16,62 +15,16 @@ import torch
 
 from . import clip_vision
 from . import text as text_lib
-from .config import KarloConfig, PriorConfig, SchedulerConfig, TextProjConfig, UNetConfig
+from .config import KarloConfig
 from .fastpath import apply_fast_path, fast_by_default, network_call, state_dtype
 from .noise import generator_states, generators_from_seeds, generators_from_states
 from .prior import PriorTransformer
+from .repo import clip_tokenizer, fetch_stages, load_modules, random_modules, read_repo_configs
 from .sampling import cfg_denoiser, sample_loop, to_uint8, upsample
 from .scheduler import UnCLIPSchedule
 from .text import TextEncoding
 from .text_proj import TextProjection
 from .unet import UNet
-from .weights import WeightsError, load_into, load_state_dict, local_repo, read_json
-
-STAGES = ("prior", "image_encoder", "decoder", "super_res")
-# Repo components each stage needs.
-STAGE_COMPONENTS = {
-    "prior": ("tokenizer", "text_encoder", "prior", "prior_scheduler"),
-    # Image variations: the input image's CLIP embedding replaces the prior's, and "" is the text of both halves
-    # of guidance (diffusers' UnCLIPImageVariationPipeline).
-    "image_encoder": ("tokenizer", "text_encoder", "image_encoder", "feature_extractor"),
-    "decoder": ("text_proj", "decoder", "decoder_scheduler"),
-    "super_res": ("super_res_first", "super_res_last", "super_res_scheduler"),
-}
-# model_index.json entries we accept: library names vary (the hub says "unclip" for text_proj).
-EXPECTED_CLASSES = {
-    "tokenizer": "CLIPTokenizer",
-    "text_encoder": "CLIPTextModelWithProjection",
-    "prior": "PriorTransformer",
-    "text_proj": "UnCLIPTextProjModel",
-    "decoder": "UNet2DConditionModel",
-    "super_res_first": "UNet2DModel",
-    "super_res_last": "UNet2DModel",
-    "prior_scheduler": "UnCLIPScheduler",
-    "decoder_scheduler": "UnCLIPScheduler",
-    "super_res_scheduler": "UnCLIPScheduler",
-}
-VARIATIONS_PIPELINE = "UnCLIPImageVariationPipeline"
-# kakaobrain/karlo-v1-alpha-image-variations (reference §1.10): the text-to-image components without the prior.
-VARIATION_CLASSES = {
-    **{c: cls for c, cls in EXPECTED_CLASSES.items() if c not in ("prior", "prior_scheduler")},
-    "image_encoder": "CLIPVisionModelWithProjection",
-    "feature_extractor": "CLIPImageProcessor",
-}
-# Class names that transformers writes for the same image processor, depending on version and installed backends.
-CLASS_ALIASES = {"CLIPImageProcessor": ("CLIPImageProcessor", "CLIPImageProcessorPil", "CLIPImageProcessorFast",
-                                        "CLIPFeatureExtractor")}
-MODULE_CONFIGS = {
-    "prior": PriorConfig,
-    "text_proj": TextProjConfig,
-    "decoder": UNetConfig,
-    "super_res_first": UNetConfig,
-    "super_res_last": UNetConfig,
-}
-MODULE_CLASSES = {
-    PriorConfig: PriorTransformer,
-    TextProjConfig: TextProjection,
-    UNetConfig: UNet,
-}
 
 
 def _per_row(value: float | Sequence[float], n: int, name: str) -> torch.Tensor:
@@ -177,33 +130,11 @@ class Karlo:
         ``stages`` limits loading to the components those stages need (a decoder actor loads no prior); None
         loads every stage the repo has. ``fast`` and ``compile`` as for ``Karlo``.
         """
-        unknown = set(stages or ()) - set(STAGES)
-        if unknown:
-            raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
-        classes = repo_classes(read_json(local_repo(path_or_url, [], storage_options) / "model_index.json"))
-        available = [s for s in STAGES if set(STAGE_COMPONENTS[s]) <= set(classes)]
-        stages = available if stages is None else stages
-        if set(stages) - set(available):
-            raise ValueError(f"stages {sorted(set(stages) - set(available))} are not in this model; it has {available}")
-        wanted = [c for s in STAGES if s in stages for c in STAGE_COMPONENTS[s]]
-        wanted = list(dict.fromkeys(wanted))  # the variations stage and the prior share the text encoder
-        others = [c for c in classes if c not in wanted and c != "tokenizer"]
-        if "feature_extractor" in others:  # its config is checked with the others, and is not a config.json
-            others.remove("feature_extractor")
-            wanted.append("feature_extractor")
-        root = local_repo(path_or_url, wanted, storage_options, config_only=others)
-        configs = read_repo_configs(root)
-        modules: dict[str, torch.nn.Module] = {}
-        for comp in wanted:
-            if comp in MODULE_CONFIGS:
-                modules[comp] = _load_module(configs, comp, root / comp)
-        tokenizer = None
-        if "text_encoder" in wanted:
-            modules["text_encoder"] = _load_text_encoder(configs.text_encoder, root / "text_encoder")
-            tokenizer = text_lib.load_tokenizer(root / "tokenizer")
-        if "image_encoder" in wanted:
-            modules["image_encoder"] = clip_vision.load_vision_encoder(configs.image_encoder, root / "image_encoder")
-        return cls(configs, modules, tokenizer, device, dtype, fast=fast, compile=compile)
+        root, components = fetch_stages(path_or_url, stages, storage_options)
+        config = read_repo_configs(root)
+        modules = load_modules(root, config, components)
+        tokenizer = text_lib.load_tokenizer(root / "tokenizer") if "text_encoder" in components else None
+        return cls(config, modules, tokenizer, device, dtype, fast=fast, compile=compile)
 
     @classmethod
     def from_config(
@@ -219,20 +150,8 @@ class Karlo:
         """A random-weight model of any shape (e.g. ``preset("karlo-v1-alpha")``), built on ``device`` in memory
         with nothing written to disk: for benchmarks at full size. Weights are drawn with a generator on
         ``device``, so the same seed gives other weights on another device type."""
-        from .tiny import randomize_  # tiny builds on-disk models from this module's building blocks
-
-        generator = torch.Generator(device).manual_seed(seed)
-        modules: dict[str, torch.nn.Module] = {}
-        with torch.device(device):
-            for comp in MODULE_CONFIGS:
-                modules[comp] = build_module(config, comp)
-            modules["text_encoder"] = text_lib.build_text_encoder(config.text_encoder)
-        for module in modules.values():
-            randomize_(module, generator)
-        with tempfile.TemporaryDirectory(prefix="karlo-tokenizer-") as tmp:  # a few MB of vocabulary files
-            text_lib.write_clip_vocabulary(Path(tmp))
-            tokenizer = text_lib.load_tokenizer(tmp)
-        return cls(config, modules, tokenizer, device, dtype, fast=fast, compile=compile)
+        modules = random_modules(config, device, seed)
+        return cls(config, modules, clip_tokenizer(), device, dtype, fast=fast, compile=compile)
 
     def _module(self, name: str) -> torch.nn.Module:
         try:
@@ -496,74 +415,3 @@ class Karlo:
             image_embeds=image_embeds.float().cpu().numpy(),
             text_embeds=text.embeds.float().cpu().numpy(),
         )
-
-
-def repo_classes(index: dict) -> dict[str, str]:
-    """The components a repo must have, by the pipeline class its model_index.json names."""
-    return VARIATION_CLASSES if index.get("_class_name") == VARIATIONS_PIPELINE else EXPECTED_CLASSES
-
-
-def read_repo_configs(root: Path) -> KarloConfig:
-    """Every component config of a diffusers-format repo, checked against model_index.json."""
-    index = read_json(root / "model_index.json")
-    classes = repo_classes(index)
-    for comp, cls_name in classes.items():
-        entry = index.get(comp)
-        if not (isinstance(entry, list) and len(entry) == 2 and entry[1] in CLASS_ALIASES.get(cls_name, (cls_name,))):
-            raise WeightsError(
-                f"{root / 'model_index.json'}: expected {comp!r} to be a {cls_name}, found {entry!r} (is this a "
-                "Karlo repo such as kakaobrain/karlo-v1-alpha or kakaobrain/karlo-v1-alpha-image-variations?)"
-            )
-    if classes is VARIATION_CLASSES:
-        first = dict(prior=None, image_encoder=read_json(root / "image_encoder" / "config.json"),
-                     feature_extractor=_config(root, "feature_extractor", clip_vision.ImageProcessorConfig))
-    else:
-        first = dict(prior=_config(root, "prior", PriorConfig),
-                     prior_scheduler=_config(root, "prior_scheduler", SchedulerConfig))
-    try:
-        return KarloConfig(
-            text_encoder=read_json(root / "text_encoder" / "config.json"),
-            text_proj=_config(root, "text_proj", TextProjConfig),
-            decoder=_config(root, "decoder", UNetConfig),
-            super_res_first=_config(root, "super_res_first", UNetConfig),
-            super_res_last=_config(root, "super_res_last", UNetConfig),
-            decoder_scheduler=_config(root, "decoder_scheduler", SchedulerConfig),
-            super_res_scheduler=_config(root, "super_res_scheduler", SchedulerConfig),
-            **first,
-        )
-    except ValueError as e:
-        if isinstance(e, WeightsError):
-            raise
-        raise WeightsError(f"{root}: {e}") from None  # a mismatch between components
-
-
-def _config(root: Path, component: str, cls):
-    """One component's config; an error names its file (there are two super-res and three scheduler configs)."""
-    names = {SchedulerConfig: "scheduler_config.json", clip_vision.ImageProcessorConfig: "preprocessor_config.json"}
-    path = root / component / names.get(cls, "config.json")
-    data = read_json(path)
-    try:
-        return cls.from_dict(data)
-    except ValueError as e:
-        raise WeightsError(f"{path}: {e}") from None
-
-
-def build_module(config: KarloConfig, component: str) -> torch.nn.Module:
-    """An uninitialised network for ``component`` (on whatever default device is active)."""
-    cfg = getattr(config, component)
-    return MODULE_CLASSES[type(cfg)](cfg)
-
-
-def _load_module(config: KarloConfig, component: str, folder: Path) -> torch.nn.Module:
-    with torch.device("meta"):  # no time or memory spent on an init that the checkpoint overwrites
-        module = build_module(config, component)
-    state, source = load_state_dict(folder)
-    load_into(module, state, source)
-    return module
-
-
-def _load_text_encoder(config: dict, folder: Path) -> torch.nn.Module:
-    encoder = text_lib.build_text_encoder(config)
-    state, source = load_state_dict(folder)
-    load_into(encoder, state, source)
-    return encoder

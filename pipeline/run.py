@@ -6,22 +6,18 @@ read -> prepare (validate, key, seed; drop rows already committed) -> prior -> d
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
 import ray
 
 from karlo_model import make_tiny_model
-from karlo_model.weights import cache_root
+from karlo_model.fetch import built_once
 
 from . import columns as C
 from . import crashes
@@ -118,18 +114,8 @@ def default_model(variations: bool = False) -> str:
     """The embedded default: a tiny random-weight model (or its image-variations sibling, which shares its text
     encoder), built once per machine into the cache."""
     name = f"{DEFAULT_MODEL_NAME}-variations" if variations else DEFAULT_MODEL_NAME
-    target = cache_root() / name
-    if (target / "model_index.json").is_file():
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "model_index.json").is_file():
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-            make_tiny_model(tmp, seed=0, preset_name="tiny", variations=variations)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
-    return str(target)
+    build = lambda folder: make_tiny_model(folder, seed=0, preset_name="tiny", variations=variations)  # noqa: E731
+    return str(built_once(name, build, done="model_index.json"))
 
 
 def init_ray(echo: Callable[[str], None] | None = None) -> None:
