@@ -1,14 +1,19 @@
 """``Karlo``: load a text-to-image Karlo model and run it whole or stage by stage.
 
-The three stages (text + prior -> decoder -> super-res) take and return plain arrays so that each can run in
-its own process: a stage hands the next one its outputs and every row's generator state.
+Three layers, each built on the one before:
+
+* ``run_prior`` / ``run_decoder`` / ``run_super_res``: tensors in and out, the rows' generators passed in;
+* ``prior_stage`` / ``image_encoder_stage`` / ``decoder_stage`` / ``super_res_stage``: what the pipeline's stages
+  call, each in its own process: arrays in and out, handing the next stage every row's generator state;
+* ``generate`` / ``variations``: the whole model from seeds, as diffusers' ``UnCLIPPipeline`` and
+  ``UnCLIPImageVariationPipeline`` run it (the parity tests' API), with optional starting latents.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -17,41 +22,34 @@ from . import clip_vision
 from . import text as text_lib
 from .config import KarloConfig
 from .fastpath import apply_fast_path, fast_by_default, network_call, state_dtype
-from .noise import generator_states, generators_from_seeds, generators_from_states
+from .noise import draw_noise, generator_states, generators_from_seeds, generators_from_states
 from .prior import PriorTransformer
 from .repo import clip_tokenizer, fetch_stages, load_modules, random_modules, read_repo_configs
-from .sampling import cfg_denoiser, sample_loop, to_uint8, upsample
+from .sampling import Guidance, cfg_denoiser, sample_loop, to_uint8, upsample
 from .scheduler import UnCLIPSchedule
 from .text import TextEncoding
 from .text_proj import TextProjection
 from .unet import UNet
 
 
-def _per_row(value: float | Sequence[float], n: int, name: str) -> torch.Tensor:
-    """A scalar or one value per row -> (n,) float32."""
-    t = torch.as_tensor(value, dtype=torch.float32).flatten()
-    if t.numel() == 1:
-        return t.expand(n).clone()
-    if t.numel() != n:
-        raise ValueError(f"{name}: expected 1 or {n} values, got {t.numel()}")
-    return t
+# The networks a Karlo may hold, by repo component name; each is an attribute, None when not loaded.
+NETWORKS = ("text_encoder", "image_encoder", "prior", "text_proj", "decoder", "super_res_first", "super_res_last")
+_Net = TypeVar("_Net")
 
 
-@dataclass
-class Guidance:
-    """Per-row guidance scales. As in diffusers, classifier-free guidance runs for a row when either scale is
-    above 1, and then applies to both stages with that row's scales."""
+def _typed(nets: dict[str, torch.nn.Module], name: str, cls: type[_Net]) -> _Net | None:
+    """``nets[name]`` checked to be a ``cls``, or None when absent."""
+    net = nets.get(name)
+    if net is not None and not isinstance(net, cls):
+        raise TypeError(f"{name}: expected a {cls.__name__}, got a {type(net).__name__}")
+    return net
 
-    prior: torch.Tensor  # (B,)
-    decoder: torch.Tensor  # (B,)
 
-    @classmethod
-    def of(cls, prior: float | Sequence[float], decoder: float | Sequence[float], n: int) -> "Guidance":
-        return cls(_per_row(prior, n, "prior_guidance_scale"), _per_row(decoder, n, "decoder_guidance_scale"))
-
-    @property
-    def enabled(self) -> torch.Tensor:  # (B,) bool
-        return (self.prior > 1.0) | (self.decoder > 1.0)
+def _loaded(net: _Net | None, name: str) -> _Net:
+    """``net``, which the method at hand needs."""
+    if net is None:
+        raise RuntimeError(f"this Karlo instance was loaded without {name!r}; load the stage that needs it")
+    return net
 
 
 @dataclass
@@ -101,9 +99,17 @@ class Karlo:
         self.state_dtype = state_dtype(dtype)
         self.fast = fast_by_default(self.device, dtype) if fast is None else fast
         self.tokenizer = tokenizer
-        self.modules = {
-            name: m.to(device=self.device, dtype=dtype).eval().requires_grad_(False) for name, m in modules.items()
-        }
+        unknown = set(modules) - set(NETWORKS)
+        if unknown:
+            raise ValueError(f"unknown networks {sorted(unknown)}; a Karlo holds {NETWORKS}")
+        nets = {name: m.to(device=self.device, dtype=dtype).eval().requires_grad_(False) for name, m in modules.items()}
+        self.text_encoder = nets.get("text_encoder")  # CLIPTextModelWithProjection
+        self.image_encoder = nets.get("image_encoder")  # CLIPVisionModelWithProjection
+        self.prior = _typed(nets, "prior", PriorTransformer)
+        self.text_proj = _typed(nets, "text_proj", TextProjection)
+        self.decoder = _typed(nets, "decoder", UNet)
+        self.super_res_first = _typed(nets, "super_res_first", UNet)
+        self.super_res_last = _typed(nets, "super_res_last", UNet)
         if self.fast or compile:
             apply_fast_path(self.modules, self.device, channels_last=self.fast, compile=compile)
         self.prior_schedule = UnCLIPSchedule(config.prior_scheduler)
@@ -153,11 +159,11 @@ class Karlo:
         modules = random_modules(config, device, seed)
         return cls(config, modules, clip_tokenizer(), device, dtype, fast=fast, compile=compile)
 
-    def _module(self, name: str) -> torch.nn.Module:
-        try:
-            return self.modules[name]
-        except KeyError:
-            raise RuntimeError(f"this Karlo instance was loaded without {name!r}; load the stage that needs it") from None
+    @property
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The loaded networks by component name."""
+        nets = {name: getattr(self, name) for name in NETWORKS}
+        return {name: net for name, net in nets.items() if net is not None}
 
     # ------------------------------------------------------------------ stages
 
@@ -165,7 +171,7 @@ class Karlo:
     def encode_text(self, prompts: Sequence[str]) -> TextEncoding:
         if self.tokenizer is None:
             raise RuntimeError("this Karlo instance was loaded without the text encoder")
-        return text_lib.encode(self.tokenizer, self._module("text_encoder"), list(prompts), self.device)
+        return text_lib.encode(self.tokenizer, _loaded(self.text_encoder, "text_encoder"), list(prompts), self.device)
 
     @torch.no_grad()
     def run_prior(
@@ -176,12 +182,13 @@ class Karlo:
         *,
         steps: int = 25,
         negative_prompts: Sequence[str] | None = None,
+        latents: torch.Tensor | None = None,  # (B, D) starting noise; drawn with the generators if None
     ) -> tuple[TextEncoding, TextEncoding, torch.Tensor]:
         """Text encoding + prior sampling. -> (text, negative text, image embeddings (B, D))."""
         n = len(prompts)
         text = self.encode_text(prompts)
         negative = self._encode_negative(negative_prompts, n)
-        prior: PriorTransformer = self._module("prior")  # type: ignore[assignment]
+        prior = _loaded(self.prior, "prior")
         net = self._network(prior)
         cond = dict(text_embeds=text.embeds, text_hidden=text.hidden, text_mask=text.mask)
         if bool(guidance.enabled.any()):
@@ -189,9 +196,8 @@ class Karlo:
             fn = cfg_denoiser(net, cond, uncond, guidance.prior.to(self.device), guidance.enabled.to(self.device))
         else:
             fn = lambda x, t: net(x, t, **cond)  # noqa: E731
-        z = sample_loop(fn, self.prior_schedule, steps, (prior.cfg.embedding_dim,), generators, self.state_dtype,
-                        self.device)
-        return text, negative, prior.unnormalise(z)
+        x = self._start(latents, generators, (prior.cfg.embedding_dim,))
+        return text, negative, prior.unnormalise(sample_loop(fn, self.prior_schedule, x, generators, steps))
 
     @torch.no_grad()
     def run_decoder(
@@ -203,10 +209,11 @@ class Karlo:
         guidance: Guidance,
         *,
         steps: int = 25,
+        latents: torch.Tensor | None = None,  # (B, 3, h, w) starting noise; drawn with the generators if None
     ) -> torch.Tensor:
         """Text projection + 64 px decoder sampling. -> (B, 3, h, w) in [-1, 1]."""
-        text_proj: TextProjection = self._module("text_proj")  # type: ignore[assignment]
-        decoder: UNet = self._module("decoder")  # type: ignore[assignment]
+        text_proj = _loaded(self.text_proj, "text_proj")
+        decoder = _loaded(self.decoder, "decoder")
         net = self._network(decoder)
         b = image_embeds.shape[0]
         image_embeds = image_embeds.to(self.device, self.dtype)
@@ -232,18 +239,18 @@ class Karlo:
             cond = dict(context=context, context_mask=self._decoder_mask(text.mask), class_labels=additive)
             fn = lambda x, t: net(x, t, **cond)  # noqa: E731
         size = decoder.cfg.sample_size
-        x = sample_loop(fn, self.decoder_schedule, steps, (channels, size, size), generators, self.state_dtype,
-                        self.device)
-        return x.clamp(-1, 1)
+        x = self._start(latents, generators, (channels, size, size))
+        return sample_loop(fn, self.decoder_schedule, x, generators, steps).clamp(-1, 1)
 
     @torch.no_grad()
     def run_super_res(
-        self, image_64: torch.Tensor, generators: Sequence[torch.Generator], *, steps: int = 7
+        self, image_64: torch.Tensor, generators: Sequence[torch.Generator], *, steps: int = 7,
+        latents: torch.Tensor | None = None,  # (B, 3, H, W) starting noise; drawn with the generators if None
     ) -> torch.Tensor:
         """64 -> 256 px: ``super_res_first`` for every step but the last, ``super_res_last`` for the last.
         -> (B, 3, H, W) in [-1, 1]."""
-        first: UNet = self._module("super_res_first")  # type: ignore[assignment]
-        last: UNet = self._module("super_res_last")  # type: ignore[assignment]
+        first = _loaded(self.super_res_first, "super_res_first")
+        last = _loaded(self.super_res_last, "super_res_last")
         size = self.config.image_size
         low = upsample(image_64.to(self.device, self.state_dtype), size)  # (B, 3, H, W)
         channels = low.shape[1]
@@ -253,11 +260,21 @@ class Karlo:
             return lambda x, t: net(torch.cat([x, low], dim=1), t)
 
         denoisers = (with_image(first), with_image(last))
-        return sample_loop(
-            denoisers[0], self.super_res_schedule, steps, (channels, size, size), generators, self.state_dtype,
-            self.device,
-            pick=lambda i: denoisers[1] if i == steps - 1 else denoisers[0],
-        )
+        x = self._start(latents, generators, (channels, size, size))
+        return sample_loop(denoisers[0], self.super_res_schedule, x, generators, steps,
+                           pick=lambda i: denoisers[1] if i == steps - 1 else denoisers[0])
+
+    def _start(
+        self, latents: torch.Tensor | None, generators: Sequence[torch.Generator], shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """x_T of a chain: (B, *shape) N(0, I) drawn with each row's generator (init_noise_sigma is 1), or the
+        given latents, which draw nothing (diffusers' ``prepare_latents``)."""
+        if latents is None:
+            return draw_noise(generators, shape, self.state_dtype, self.device)
+        expected = (len(generators), *shape)
+        if tuple(latents.shape) != expected:
+            raise ValueError(f"latents: expected shape {expected}, got {tuple(latents.shape)}")
+        return latents.to(self.device, self.state_dtype)
 
     def _network(self, net: torch.nn.Module):
         """``net`` called on the sampling state (karlo_model.fastpath.network_call)."""
@@ -302,7 +319,7 @@ class Karlo:
         preprocessed as the repo's feature extractor does."""
         if self.config.feature_extractor is None:
             raise RuntimeError("this model has no image encoder (image variations need karlo-v1-alpha-image-variations)")
-        encoder = self._module("image_encoder")
+        encoder = _loaded(self.image_encoder, "image_encoder")
         return clip_vision.encode(encoder, self.config.feature_extractor, images, self.device, self.dtype)
 
     def image_encoder_stage(self, images: Sequence[np.ndarray], seeds: Sequence[int]) -> PriorResult:
@@ -322,9 +339,12 @@ class Karlo:
         decoder_steps: int = 25,
         super_res_steps: int = 7,
         decoder_guidance_scale: float | Sequence[float] = 8.0,
+        decoder_latents: torch.Tensor | None = None,
+        super_res_latents: torch.Tensor | None = None,
     ) -> KarloOutput:
         """Images -> 256 px variations. Row i uses only seeds[i]: the same as diffusers'
-        UnCLIPImageVariationPipeline(images, generator=[torch.Generator().manual_seed(s) for s in seeds])."""
+        UnCLIPImageVariationPipeline(images, generator=[torch.Generator().manual_seed(s) for s in seeds]), with
+        its optional starting latents."""
         if len(images) != len(seeds):
             raise ValueError(f"got {len(images)} images but {len(seeds)} seeds")
         gens = generators_from_seeds(seeds)
@@ -332,7 +352,8 @@ class Karlo:
         guidance = Guidance.of(1.0, decoder_guidance_scale, len(images))
         text = self.encode_text([""] * len(images))
         image_embeds = self.encode_images(images)
-        return self._decode(image_embeds, text, text, gens, guidance, decoder_steps, super_res_steps)
+        return self._decode(image_embeds, text, text, gens, guidance, decoder_steps, super_res_steps,
+                            decoder_latents, super_res_latents)
 
     def decoder_stage(
         self,
@@ -391,25 +412,32 @@ class Karlo:
         prior_guidance_scale: float | Sequence[float] = 4.0,
         decoder_guidance_scale: float | Sequence[float] = 8.0,
         negative_prompts: Sequence[str] | None = None,
+        prior_latents: torch.Tensor | None = None,  # (B, D)
+        decoder_latents: torch.Tensor | None = None,  # (B, 3, 64, 64); image-to-image starts from a noised image
+        super_res_latents: torch.Tensor | None = None,  # (B, 3, 256, 256)
     ) -> KarloOutput:
         """Text -> 256 px images. Row i uses only seeds[i]: the same as
-        diffusers' UnCLIPPipeline(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds])."""
+        diffusers' UnCLIPPipeline(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds]). Starting
+        latents, when given, replace the draws from the generators, as diffusers' ``*_latents`` arguments do."""
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         gens = generators_from_seeds(seeds)
         guidance = Guidance.of(prior_guidance_scale, decoder_guidance_scale, len(prompts))
         text, negative, image_embeds = self.run_prior(
-            prompts, gens, guidance, steps=prior_steps, negative_prompts=negative_prompts
+            prompts, gens, guidance, steps=prior_steps, negative_prompts=negative_prompts, latents=prior_latents
         )
-        return self._decode(image_embeds, text, negative, gens, guidance, decoder_steps, super_res_steps)
+        return self._decode(image_embeds, text, negative, gens, guidance, decoder_steps, super_res_steps,
+                            decoder_latents, super_res_latents)
 
     def _decode(
         self, image_embeds: torch.Tensor, text: TextEncoding, negative: TextEncoding, gens: list[torch.Generator],
-        guidance: Guidance, decoder_steps: int, super_res_steps: int,
+        guidance: Guidance, decoder_steps: int, super_res_steps: int, decoder_latents: torch.Tensor | None,
+        super_res_latents: torch.Tensor | None,
     ) -> KarloOutput:
         """Decoder and super-resolution from CLIP image embeddings: the common end of generate and variations."""
-        image_64 = self.run_decoder(image_embeds, text, negative, gens, guidance, steps=decoder_steps)
-        images = to_uint8(self.run_super_res(image_64, gens, steps=super_res_steps))
+        image_64 = self.run_decoder(image_embeds, text, negative, gens, guidance, steps=decoder_steps,
+                                    latents=decoder_latents)
+        images = to_uint8(self.run_super_res(image_64, gens, steps=super_res_steps, latents=super_res_latents))
         return KarloOutput(
             images=images.cpu().numpy(),
             image_embeds=image_embeds.float().cpu().numpy(),
