@@ -328,7 +328,8 @@ class ImageProcessorConfig:
             if key in _PROCESSOR_NAME_KEYS:
                 continue
             if key in _PROCESSOR_FIXED:
-                allowed = _PROCESSOR_FIXED[key] if isinstance(_PROCESSOR_FIXED[key], tuple) else (_PROCESSOR_FIXED[key],)
+                fixed = _PROCESSOR_FIXED[key]
+                allowed = fixed if isinstance(fixed, tuple) else (fixed,)
                 if value not in allowed:
                     raise ConfigError(
                         f"feature_extractor: {key}={value!r} is not supported (supported: {list(allowed)})"

@@ -28,9 +28,10 @@ def make_tiny_model(
     """Write a random-weight Karlo repo (model_index.json, per-component config + safetensors, tokenizer with
     the real CLIP vocabulary, scheduler configs) to ``out_dir``.
 
-    ``variations`` writes the image-variations layout instead, as kakaobrain built theirs from the text-to-image
-    repo (kakaobrain/karlo-v1-alpha-image-variations on the hub): the same seed gives the same text encoder, text_proj, decoder and super-res weights,
-    no prior, plus a tiny CLIP vision tower in the text encoder's embedding width and its image processor.
+    ``variations`` writes the image-variations layout instead, as kakaobrain built
+    kakaobrain/karlo-v1-alpha-image-variations from the text-to-image repo: the same seed gives the same text
+    encoder, text_proj, decoder and super-res weights, no prior, plus a tiny CLIP vision tower in the text
+    encoder's embedding width and its image processor.
     """
     out = Path(out_dir)
     config: KarloConfig = preset(preset_name)
