@@ -411,7 +411,7 @@ def bench_pipeline(
     """
     from pipeline.config import RunConfig, StageConfig
     from pipeline.run import init_ray, run
-    from pipeline.stages import DTYPES
+    from karlo_model import DTYPES
 
     prior_steps, decoder_steps, sr_steps = steps
     stages = _stage_configs(device, dtype, batch_size)
@@ -620,7 +620,7 @@ def bench_all(
 ) -> dict[str, Any]:
     """The whole suite; the pipeline sections need a model folder (actors load it) and run on the CPU's defaults
     unless ``device`` is cuda."""
-    from pipeline.stages import DTYPES
+    from karlo_model import DTYPES
 
     names = {v: k for k, v in DTYPES.items()}
     out: dict[str, Any] = {}

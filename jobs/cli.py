@@ -363,7 +363,7 @@ def bench_all_cmd(model, preset, random_weights, seed, device, dtype, fast, comp
     """The whole suite in one run: model vs diffusers, stages (images/s, FLOP utilisation), pipeline and data-plane
     efficiency, driver memory over 100k rows."""
     from jobs.bench import bench_all
-    from pipeline.stages import DTYPES
+    from karlo_model import DTYPES
 
     sections = tuple(sections) or ("model", "stages", "pipeline", "driver_memory")
     source = _source(model, preset, random_weights, seed)
@@ -390,7 +390,7 @@ def bench_model_cmd(model, preset, random_weights, seed, device, dtype, fast, co
                     reference_dtype, batch_sizes) -> None:
     """Karlo.generate vs diffusers' UnCLIPPipeline on the same weights (needs the test extra: diffusers)."""
     from jobs.bench import bench_model
-    from pipeline.stages import DTYPES
+    from karlo_model import DTYPES
 
     source = _source(model, preset, random_weights, seed)
     _check_device(device)
@@ -408,7 +408,7 @@ def bench_stages_cmd(model, preset, random_weights, seed, device, dtype, fast, c
                      batch_size) -> None:
     """Each stage alone: images/s, FLOPs per image and FLOP utilisation against the device's peak."""
     from jobs.bench import bench_stages
-    from pipeline.stages import DTYPES
+    from karlo_model import DTYPES
 
     source = _source(model, preset, random_weights, seed)
     _check_device(device)

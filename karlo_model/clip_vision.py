@@ -1,8 +1,8 @@
 """CLIP vision side: the reference image processor in torch, and transformers' vision tower with projection.
 
 The image processor reproduces transformers' ``CLIPImageProcessor`` as configured for Karlo's image-variations repo
-(reference karlo.md §1.10: shortest side to 224 with bicubic resampling, center crop 224, rescale by 1/255,
-normalise with OpenAI CLIP's mean and std) on uint8 arrays, batched and on any device. Its resize is Pillow's
+(kakaobrain/karlo-v1-alpha-image-variations: shortest side to 224 with bicubic resampling, center crop 224, rescale
+by 1/255, normalise with OpenAI CLIP's mean and std) on uint8 arrays, batched and on any device. Its resize is Pillow's
 antialiased bicubic resampling to the bit, not torch's ``interpolate``: the two use different cubic kernels
 (a = -0.5 vs -0.75) and Pillow rounds to uint8 after each pass, which on noisy images moves pixels by up to 20
 levels. Pillow is what the reference processor uses (the torchvision backend of recent transformers is an
@@ -11,7 +11,6 @@ optional install), so the embeddings here are the reference's whatever is instal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -21,82 +20,15 @@ import torch
 if TYPE_CHECKING:  # imported where used, as in karlo_model.text
     from transformers import CLIPVisionModelWithProjection
 
-from .config import ConfigError
+from .config import ImageProcessorConfig
 from .weights import load_into, load_state_dict
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the value preprocessor configs store
-
-# Keys of a preprocessor_config.json that only name the class or carry our fixed behaviour.
-_NAME_KEYS = ("image_processor_type", "feature_extractor_type", "processor_class", "_processor_class")
-_FIXED = {"do_resize": True, "do_center_crop": True, "do_rescale": True, "do_normalize": True,
-          "do_convert_rgb": (True, None), "resample": BICUBIC}
 # Published checkpoints carry this buffer, which transformers no longer keeps in the state dict.
 _NON_WEIGHT_KEYS = ("vision_model.embeddings.position_ids",)
 # The text half of a whole CLIPModel checkpoint.
 _CLIP_TEXT_PREFIXES = ("text_model.", "text_projection.", "logit_scale")
 # Pillow's fixed-point resampling (libImaging/Resample.c): coefficients scaled by 2^22, uint8 after each pass.
 _PRECISION_BITS = 32 - 8 - 2
-
-
-@dataclass(frozen=True)
-class ImageProcessorConfig:
-    """``CLIPImageProcessor`` settings (``feature_extractor/preprocessor_config.json``)."""
-
-    shortest_edge: int = 224
-    crop_size: tuple[int, int] = (224, 224)  # (height, width)
-    rescale_factor: float = 1 / 255
-    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
-    image_std: tuple[float, ...] = OPENAI_CLIP_STD
-
-    CLASS = "CLIPImageProcessor"
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ImageProcessorConfig":
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            if key in _NAME_KEYS:
-                continue
-            if key in _FIXED:
-                allowed = _FIXED[key] if isinstance(_FIXED[key], tuple) else (_FIXED[key],)
-                if value not in allowed:
-                    raise ConfigError(
-                        f"feature_extractor: {key}={value!r} is not supported (supported: {list(allowed)})"
-                    )
-            elif key == "size":
-                # Older configs store an int, which CLIPImageProcessor reads as the shortest edge.
-                edge = value if isinstance(value, int) else dict(value).get("shortest_edge")
-                if not isinstance(edge, int) or (isinstance(value, dict) and set(value) != {"shortest_edge"}):
-                    raise ConfigError(f"feature_extractor: size={value!r} is not supported (only shortest_edge)")
-                kwargs["shortest_edge"] = edge
-            elif key == "crop_size":
-                crop = (value, value) if isinstance(value, int) else (value.get("height"), value.get("width"))
-                if not all(isinstance(c, int) for c in crop):
-                    raise ConfigError(f"feature_extractor: crop_size={value!r} needs an int height and width")
-                kwargs["crop_size"] = crop
-            elif key in ("rescale_factor", "image_mean", "image_std"):
-                kwargs[key] = tuple(value) if isinstance(value, list) else value
-            else:
-                raise ConfigError(f"feature_extractor: unknown config key {key!r}")
-        cfg = cls(**kwargs)
-        if len(cfg.image_mean) != 3 or len(cfg.image_std) != 3:
-            raise ConfigError("feature_extractor: image_mean and image_std need one value per RGB channel")
-        return cfg
-
-    def to_dict(self) -> dict[str, Any]:
-        """The file as transformers' ``CLIPImageProcessor.save_pretrained`` writes it."""
-        height, width = self.crop_size
-        return {
-            "image_processor_type": self.CLASS,
-            "crop_size": {"height": height, "width": width},
-            "size": {"shortest_edge": self.shortest_edge},
-            "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
-            "do_resize": True, "resample": BICUBIC,
-            "rescale_factor": self.rescale_factor,
-            "image_mean": list(self.image_mean),
-            "image_std": list(self.image_std),
-        }
 
 
 def resized_shape(height: int, width: int, shortest_edge: int) -> tuple[int, int]:

@@ -2,18 +2,15 @@
 
 Each dataclass holds only what changes the network; diffusers keys that our networks implement at one fixed
 value are checked (a checkpoint asking for something else is refused), and keys without effect at inference
-(dropout) are ignored. Presets: ``karlo-v1-alpha`` (the real shapes, reference §1) and two tiny random-weight
-configs used for demos and tests.
+(dropout) are ignored. The image processor's settings (``preprocessor_config.json``) are read here too, so that
+every config of a repo has one home; the named presets are in karlo_model.presets.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
-
-if TYPE_CHECKING:  # clip_vision imports ConfigError from here
-    from .clip_vision import ImageProcessorConfig
+from typing import Any, Mapping
 
 DOWN_RESNET = "ResnetDownsampleBlock2D"
 DOWN_CROSS_ATTN = "SimpleCrossAttnDownBlock2D"
@@ -59,7 +56,7 @@ def _write(obj: Any, class_name: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class PriorConfig:
-    """diffusers ``PriorTransformer`` as used by Karlo (reference §1.3, §2.2)."""
+    """diffusers ``PriorTransformer`` as used by Karlo (diffusers ``models/transformers/prior_transformer.py``)."""
 
     num_attention_heads: int = 32
     attention_head_dim: int = 64
@@ -107,7 +104,7 @@ class PriorConfig:
 
 @dataclass(frozen=True)
 class TextProjConfig:
-    """``UnCLIPTextProjModel`` (reference §1.5, §2.3)."""
+    """``UnCLIPTextProjModel`` (diffusers ``pipelines/unclip/text_proj.py``)."""
 
     clip_embeddings_dim: int = 768
     clip_extra_context_tokens: int = 4
@@ -126,7 +123,8 @@ class TextProjConfig:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """The decoder (``UNet2DConditionModel``) and super-res (``UNet2DModel``) UNets (reference §1.4, §1.6).
+    """The decoder (``UNet2DConditionModel``) and super-res (``UNet2DModel``) UNets, as configured in
+    kakaobrain/karlo-v1-alpha's ``decoder`` and ``super_res_*`` folders.
 
     Both share one skeleton: resnet blocks with optional added-KV cross attention per level.
     """
@@ -253,7 +251,7 @@ class UNetConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """``UnCLIPScheduler`` (reference §1.9, §3)."""
+    """``UnCLIPScheduler`` (diffusers ``schedulers/scheduling_unclip.py``)."""
 
     variance_type: str = "fixed_small_log"
     prediction_type: str = "epsilon"
@@ -277,7 +275,8 @@ class SchedulerConfig:
         return _write(self, self.CLASS)
 
 
-# The real CLIP ViT-L/14 text tower (reference §1.7). Kept as a plain dict: transformers' CLIPTextConfig owns it.
+# The real CLIP ViT-L/14 text tower (kakaobrain/karlo-v1-alpha's text_encoder/config.json). Kept as a plain dict:
+# transformers' CLIPTextConfig owns it.
 TEXT_ENCODER_L14: dict[str, Any] = {
     "architectures": ["CLIPTextModelWithProjection"],
     "model_type": "clip_text_model",
@@ -298,6 +297,76 @@ TEXT_ENCODER_L14: dict[str, Any] = {
     "projection_dim": 768,
     "vocab_size": 49408,
 }
+
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the value preprocessor configs store
+
+# Keys of a preprocessor_config.json that only name the class or carry our fixed behaviour.
+_PROCESSOR_NAME_KEYS = ("image_processor_type", "feature_extractor_type", "processor_class", "_processor_class")
+_PROCESSOR_FIXED = {"do_resize": True, "do_center_crop": True, "do_rescale": True, "do_normalize": True,
+          "do_convert_rgb": (True, None), "resample": BICUBIC}
+
+
+@dataclass(frozen=True)
+class ImageProcessorConfig:
+    """``CLIPImageProcessor`` settings (``feature_extractor/preprocessor_config.json``)."""
+
+    shortest_edge: int = 224
+    crop_size: tuple[int, int] = (224, 224)  # (height, width)
+    rescale_factor: float = 1 / 255
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
+
+    CLASS = "CLIPImageProcessor"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ImageProcessorConfig":
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in _PROCESSOR_NAME_KEYS:
+                continue
+            if key in _PROCESSOR_FIXED:
+                fixed = _PROCESSOR_FIXED[key]
+                allowed = fixed if isinstance(fixed, tuple) else (fixed,)
+                if value not in allowed:
+                    raise ConfigError(
+                        f"feature_extractor: {key}={value!r} is not supported (supported: {list(allowed)})"
+                    )
+            elif key == "size":
+                # Older configs store an int, which CLIPImageProcessor reads as the shortest edge.
+                edge = value if isinstance(value, int) else dict(value).get("shortest_edge")
+                if not isinstance(edge, int) or (isinstance(value, dict) and set(value) != {"shortest_edge"}):
+                    raise ConfigError(f"feature_extractor: size={value!r} is not supported (only shortest_edge)")
+                kwargs["shortest_edge"] = edge
+            elif key == "crop_size":
+                crop = (value, value) if isinstance(value, int) else (value.get("height"), value.get("width"))
+                if not all(isinstance(c, int) for c in crop):
+                    raise ConfigError(f"feature_extractor: crop_size={value!r} needs an int height and width")
+                kwargs["crop_size"] = crop
+            elif key in ("rescale_factor", "image_mean", "image_std"):
+                kwargs[key] = tuple(value) if isinstance(value, list) else value
+            else:
+                raise ConfigError(f"feature_extractor: unknown config key {key!r}")
+        cfg = cls(**kwargs)
+        if len(cfg.image_mean) != 3 or len(cfg.image_std) != 3:
+            raise ConfigError("feature_extractor: image_mean and image_std need one value per RGB channel")
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file as transformers' ``CLIPImageProcessor.save_pretrained`` writes it."""
+        height, width = self.crop_size
+        return {
+            "image_processor_type": self.CLASS,
+            "crop_size": {"height": height, "width": width},
+            "size": {"shortest_edge": self.shortest_edge},
+            "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
+            "do_resize": True, "resample": BICUBIC,
+            "rescale_factor": self.rescale_factor,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }
 
 
 @dataclass(frozen=True)
@@ -364,95 +433,3 @@ class KarloConfig:
     @property
     def image_size(self) -> int:
         return int(self.super_res_first.sample_size)  # super_res_last.sample_size is null on the hub
-
-
-def _unet(conditional: bool, channels: tuple[int, ...], **kw: Any) -> UNetConfig:
-    n = len(channels)
-    if conditional:
-        return UNetConfig(
-            in_channels=3,
-            out_channels=6,
-            block_out_channels=channels,
-            down_block_types=(DOWN_RESNET,) + (DOWN_CROSS_ATTN,) * (n - 1),
-            up_block_types=(UP_CROSS_ATTN,) * (n - 1) + (UP_RESNET,),
-            mid_block_type=MID_CROSS_ATTN,
-            resnet_time_scale_shift="scale_shift",
-            class_embed_type="identity",
-            conditional=True,
-            **kw,
-        )
-    return UNetConfig(
-        in_channels=6,
-        out_channels=3,
-        block_out_channels=channels,
-        down_block_types=(DOWN_RESNET,) * n,
-        up_block_types=(UP_RESNET,) * n,
-        **kw,
-    )
-
-
-def _karlo_v1_alpha() -> KarloConfig:
-    sr = dict(layers_per_block=3, attention_head_dim=8)
-    return KarloConfig(
-        text_encoder=dict(TEXT_ENCODER_L14),
-        prior=PriorConfig(),
-        text_proj=TextProjConfig(),
-        decoder=_unet(
-            True, (320, 640, 960, 1280), sample_size=64, layers_per_block=3, attention_head_dim=64,
-            cross_attention_dim=1536,
-        ),
-        super_res_first=_unet(False, (320, 640, 960, 1280), sample_size=256, **sr),
-        super_res_last=_unet(False, (320, 640, 960, 1280), sample_size=None, **sr),
-    )
-
-
-def _tiny_text(hidden: int, layers: int, heads: int, intermediate: int) -> dict[str, Any]:
-    return dict(
-        TEXT_ENCODER_L14,
-        hidden_size=hidden,
-        projection_dim=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=intermediate,
-    )
-
-
-def _tiny() -> KarloConfig:
-    """The embedded default: real vocabulary and image sizes (64 -> 256 px), a few thousand times smaller."""
-    return KarloConfig(
-        text_encoder=_tiny_text(32, 2, 4, 37),
-        prior=PriorConfig(num_attention_heads=2, attention_head_dim=16, num_layers=2, embedding_dim=32),
-        text_proj=TextProjConfig(clip_embeddings_dim=32, cross_attention_dim=48, time_embed_dim=64),
-        decoder=_unet(
-            True, (16, 32), sample_size=64, layers_per_block=1, attention_head_dim=8, norm_num_groups=8,
-            cross_attention_dim=48,
-        ),
-        super_res_first=_unet(False, (8, 16), sample_size=256, layers_per_block=1, norm_num_groups=4),
-        super_res_last=_unet(False, (8, 16), sample_size=None, layers_per_block=1, norm_num_groups=4),
-    )
-
-
-def _tiny_alt() -> KarloConfig:
-    """A second tiny config that differs from ``tiny`` in every dimension (widths, heads, levels, layers per
-    block, norm groups, resolutions), so tests cannot pass by a shape coincidence."""
-    return KarloConfig(
-        text_encoder=_tiny_text(24, 3, 2, 40),
-        prior=PriorConfig(num_attention_heads=3, attention_head_dim=8, num_layers=3, embedding_dim=24),
-        text_proj=TextProjConfig(clip_embeddings_dim=24, cross_attention_dim=40, time_embed_dim=96),
-        decoder=_unet(
-            True, (24, 36, 48), sample_size=32, layers_per_block=2, attention_head_dim=12, norm_num_groups=6,
-            cross_attention_dim=40,
-        ),
-        super_res_first=_unet(False, (12, 18, 24), sample_size=64, layers_per_block=2, norm_num_groups=3),
-        super_res_last=_unet(False, (12, 18, 24), sample_size=None, layers_per_block=2, norm_num_groups=3),
-    )
-
-
-PRESETS = {"karlo-v1-alpha": _karlo_v1_alpha, "tiny": _tiny, "tiny-alt": _tiny_alt}
-
-
-def preset(name: str) -> KarloConfig:
-    try:
-        return PRESETS[name]()
-    except KeyError:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None

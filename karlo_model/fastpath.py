@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+# dtypes by the names that configs and the command line use.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 UNETS = ("decoder", "super_res_first", "super_res_last")
 DENOISERS = ("prior",) + UNETS  # the networks called once (or twice, with guidance) per sampling step

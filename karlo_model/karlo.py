@@ -1,104 +1,55 @@
 """``Karlo``: load a text-to-image Karlo model and run it whole or stage by stage.
 
-The three stages (text + prior -> decoder -> super-res) take and return plain arrays so that each can run in
-its own process: a stage hands the next one its outputs and every row's generator state.
+Three layers, each built on the one before:
+
+* ``run_prior`` / ``run_decoder`` / ``run_super_res``: tensors in and out, the rows' generators passed in;
+* ``prior_stage`` / ``image_encoder_stage`` / ``decoder_stage`` / ``super_res_stage``: what the pipeline's stages
+  call, each in its own process: arrays in and out, handing the next stage every row's generator state;
+* ``generate`` / ``variations``: the whole model from seeds, as diffusers' ``UnCLIPPipeline`` and
+  ``UnCLIPImageVariationPipeline`` run it (the parity tests' API), with optional starting latents.
 """
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from . import clip_vision
 from . import text as text_lib
-from .config import KarloConfig, PriorConfig, SchedulerConfig, TextProjConfig, UNetConfig
+from .config import KarloConfig
 from .fastpath import apply_fast_path, fast_by_default, network_call, state_dtype
-from .noise import generator_states, generators_from_seeds, generators_from_states
+from .noise import draw_noise, generator_states, generators_from_seeds, generators_from_states
 from .prior import PriorTransformer
-from .sampling import cfg_denoiser, sample_loop, to_uint8, upsample
+from .repo import clip_tokenizer, fetch_stages, load_modules, random_modules, read_repo_configs
+from .sampling import Guidance, cfg_denoiser, sample_loop, to_uint8, upsample
 from .scheduler import UnCLIPSchedule
 from .text import TextEncoding
 from .text_proj import TextProjection
 from .unet import UNet
-from .weights import WeightsError, load_into, load_state_dict, local_repo, read_json
-
-STAGES = ("prior", "image_encoder", "decoder", "super_res")
-# Repo components each stage needs.
-STAGE_COMPONENTS = {
-    "prior": ("tokenizer", "text_encoder", "prior", "prior_scheduler"),
-    # Image variations: the input image's CLIP embedding replaces the prior's, and "" is the text of both halves
-    # of guidance (diffusers' UnCLIPImageVariationPipeline).
-    "image_encoder": ("tokenizer", "text_encoder", "image_encoder", "feature_extractor"),
-    "decoder": ("text_proj", "decoder", "decoder_scheduler"),
-    "super_res": ("super_res_first", "super_res_last", "super_res_scheduler"),
-}
-# model_index.json entries we accept: library names vary (the hub says "unclip" for text_proj).
-EXPECTED_CLASSES = {
-    "tokenizer": "CLIPTokenizer",
-    "text_encoder": "CLIPTextModelWithProjection",
-    "prior": "PriorTransformer",
-    "text_proj": "UnCLIPTextProjModel",
-    "decoder": "UNet2DConditionModel",
-    "super_res_first": "UNet2DModel",
-    "super_res_last": "UNet2DModel",
-    "prior_scheduler": "UnCLIPScheduler",
-    "decoder_scheduler": "UnCLIPScheduler",
-    "super_res_scheduler": "UnCLIPScheduler",
-}
-VARIATIONS_PIPELINE = "UnCLIPImageVariationPipeline"
-# kakaobrain/karlo-v1-alpha-image-variations (reference §1.10): the text-to-image components without the prior.
-VARIATION_CLASSES = {
-    **{c: cls for c, cls in EXPECTED_CLASSES.items() if c not in ("prior", "prior_scheduler")},
-    "image_encoder": "CLIPVisionModelWithProjection",
-    "feature_extractor": "CLIPImageProcessor",
-}
-# Class names that transformers writes for the same image processor, depending on version and installed backends.
-CLASS_ALIASES = {"CLIPImageProcessor": ("CLIPImageProcessor", "CLIPImageProcessorPil", "CLIPImageProcessorFast",
-                                        "CLIPFeatureExtractor")}
-MODULE_CONFIGS = {
-    "prior": PriorConfig,
-    "text_proj": TextProjConfig,
-    "decoder": UNetConfig,
-    "super_res_first": UNetConfig,
-    "super_res_last": UNetConfig,
-}
-MODULE_CLASSES = {
-    PriorConfig: PriorTransformer,
-    TextProjConfig: TextProjection,
-    UNetConfig: UNet,
-}
 
 
-def _per_row(value: float | Sequence[float], n: int, name: str) -> torch.Tensor:
-    """A scalar or one value per row -> (n,) float32."""
-    t = torch.as_tensor(value, dtype=torch.float32).flatten()
-    if t.numel() == 1:
-        return t.expand(n).clone()
-    if t.numel() != n:
-        raise ValueError(f"{name}: expected 1 or {n} values, got {t.numel()}")
-    return t
+# The networks a Karlo may hold, by repo component name; each is an attribute, None when not loaded.
+NETWORKS = ("text_encoder", "image_encoder", "prior", "text_proj", "decoder", "super_res_first", "super_res_last")
+_Net = TypeVar("_Net")
 
 
-@dataclass
-class Guidance:
-    """Per-row guidance scales. As in diffusers, classifier-free guidance runs for a row when either scale is
-    above 1, and then applies to both stages with that row's scales."""
+def _typed(nets: dict[str, torch.nn.Module], name: str, cls: type[_Net]) -> _Net | None:
+    """``nets[name]`` checked to be a ``cls``, or None when absent."""
+    net = nets.get(name)
+    if net is not None and not isinstance(net, cls):
+        raise TypeError(f"{name}: expected a {cls.__name__}, got a {type(net).__name__}")
+    return net
 
-    prior: torch.Tensor  # (B,)
-    decoder: torch.Tensor  # (B,)
 
-    @classmethod
-    def of(cls, prior: float | Sequence[float], decoder: float | Sequence[float], n: int) -> "Guidance":
-        return cls(_per_row(prior, n, "prior_guidance_scale"), _per_row(decoder, n, "decoder_guidance_scale"))
-
-    @property
-    def enabled(self) -> torch.Tensor:  # (B,) bool
-        return (self.prior > 1.0) | (self.decoder > 1.0)
+def _loaded(net: _Net | None, name: str) -> _Net:
+    """``net``, which the method at hand needs."""
+    if net is None:
+        raise RuntimeError(f"this Karlo instance was loaded without {name!r}; load the stage that needs it")
+    return net
 
 
 @dataclass
@@ -148,9 +99,17 @@ class Karlo:
         self.state_dtype = state_dtype(dtype)
         self.fast = fast_by_default(self.device, dtype) if fast is None else fast
         self.tokenizer = tokenizer
-        self.modules = {
-            name: m.to(device=self.device, dtype=dtype).eval().requires_grad_(False) for name, m in modules.items()
-        }
+        unknown = set(modules) - set(NETWORKS)
+        if unknown:
+            raise ValueError(f"unknown networks {sorted(unknown)}; a Karlo holds {NETWORKS}")
+        nets = {name: m.to(device=self.device, dtype=dtype).eval().requires_grad_(False) for name, m in modules.items()}
+        self.text_encoder = nets.get("text_encoder")  # CLIPTextModelWithProjection
+        self.image_encoder = nets.get("image_encoder")  # CLIPVisionModelWithProjection
+        self.prior = _typed(nets, "prior", PriorTransformer)
+        self.text_proj = _typed(nets, "text_proj", TextProjection)
+        self.decoder = _typed(nets, "decoder", UNet)
+        self.super_res_first = _typed(nets, "super_res_first", UNet)
+        self.super_res_last = _typed(nets, "super_res_last", UNet)
         if self.fast or compile:
             apply_fast_path(self.modules, self.device, channels_last=self.fast, compile=compile)
         self.prior_schedule = UnCLIPSchedule(config.prior_scheduler)
@@ -177,33 +136,11 @@ class Karlo:
         ``stages`` limits loading to the components those stages need (a decoder actor loads no prior); None
         loads every stage the repo has. ``fast`` and ``compile`` as for ``Karlo``.
         """
-        unknown = set(stages or ()) - set(STAGES)
-        if unknown:
-            raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
-        classes = repo_classes(read_json(local_repo(path_or_url, [], storage_options) / "model_index.json"))
-        available = [s for s in STAGES if set(STAGE_COMPONENTS[s]) <= set(classes)]
-        stages = available if stages is None else stages
-        if set(stages) - set(available):
-            raise ValueError(f"stages {sorted(set(stages) - set(available))} are not in this model; it has {available}")
-        wanted = [c for s in STAGES if s in stages for c in STAGE_COMPONENTS[s]]
-        wanted = list(dict.fromkeys(wanted))  # the variations stage and the prior share the text encoder
-        others = [c for c in classes if c not in wanted and c != "tokenizer"]
-        if "feature_extractor" in others:  # its config is checked with the others, and is not a config.json
-            others.remove("feature_extractor")
-            wanted.append("feature_extractor")
-        root = local_repo(path_or_url, wanted, storage_options, config_only=others)
-        configs = read_repo_configs(root)
-        modules: dict[str, torch.nn.Module] = {}
-        for comp in wanted:
-            if comp in MODULE_CONFIGS:
-                modules[comp] = _load_module(configs, comp, root / comp)
-        tokenizer = None
-        if "text_encoder" in wanted:
-            modules["text_encoder"] = _load_text_encoder(configs.text_encoder, root / "text_encoder")
-            tokenizer = text_lib.load_tokenizer(root / "tokenizer")
-        if "image_encoder" in wanted:
-            modules["image_encoder"] = clip_vision.load_vision_encoder(configs.image_encoder, root / "image_encoder")
-        return cls(configs, modules, tokenizer, device, dtype, fast=fast, compile=compile)
+        root, components = fetch_stages(path_or_url, stages, storage_options)
+        config = read_repo_configs(root)
+        modules = load_modules(root, config, components)
+        tokenizer = text_lib.load_tokenizer(root / "tokenizer") if "text_encoder" in components else None
+        return cls(config, modules, tokenizer, device, dtype, fast=fast, compile=compile)
 
     @classmethod
     def from_config(
@@ -219,26 +156,14 @@ class Karlo:
         """A random-weight model of any shape (e.g. ``preset("karlo-v1-alpha")``), built on ``device`` in memory
         with nothing written to disk: for benchmarks at full size. Weights are drawn with a generator on
         ``device``, so the same seed gives other weights on another device type."""
-        from .tiny import randomize_  # tiny builds on-disk models from this module's building blocks
+        modules = random_modules(config, device, seed)
+        return cls(config, modules, clip_tokenizer(), device, dtype, fast=fast, compile=compile)
 
-        generator = torch.Generator(device).manual_seed(seed)
-        modules: dict[str, torch.nn.Module] = {}
-        with torch.device(device):
-            for comp in MODULE_CONFIGS:
-                modules[comp] = build_module(config, comp)
-            modules["text_encoder"] = text_lib.build_text_encoder(config.text_encoder)
-        for module in modules.values():
-            randomize_(module, generator)
-        with tempfile.TemporaryDirectory(prefix="karlo-tokenizer-") as tmp:  # a few MB of vocabulary files
-            text_lib.write_clip_vocabulary(Path(tmp))
-            tokenizer = text_lib.load_tokenizer(tmp)
-        return cls(config, modules, tokenizer, device, dtype, fast=fast, compile=compile)
-
-    def _module(self, name: str) -> torch.nn.Module:
-        try:
-            return self.modules[name]
-        except KeyError:
-            raise RuntimeError(f"this Karlo instance was loaded without {name!r}; load the stage that needs it") from None
+    @property
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The loaded networks by component name."""
+        nets = {name: getattr(self, name) for name in NETWORKS}
+        return {name: net for name, net in nets.items() if net is not None}
 
     # ------------------------------------------------------------------ stages
 
@@ -246,7 +171,7 @@ class Karlo:
     def encode_text(self, prompts: Sequence[str]) -> TextEncoding:
         if self.tokenizer is None:
             raise RuntimeError("this Karlo instance was loaded without the text encoder")
-        return text_lib.encode(self.tokenizer, self._module("text_encoder"), list(prompts), self.device)
+        return text_lib.encode(self.tokenizer, _loaded(self.text_encoder, "text_encoder"), list(prompts), self.device)
 
     @torch.no_grad()
     def run_prior(
@@ -257,12 +182,13 @@ class Karlo:
         *,
         steps: int = 25,
         negative_prompts: Sequence[str] | None = None,
+        latents: torch.Tensor | None = None,  # (B, D) starting noise; drawn with the generators if None
     ) -> tuple[TextEncoding, TextEncoding, torch.Tensor]:
         """Text encoding + prior sampling. -> (text, negative text, image embeddings (B, D))."""
         n = len(prompts)
         text = self.encode_text(prompts)
         negative = self._encode_negative(negative_prompts, n)
-        prior: PriorTransformer = self._module("prior")  # type: ignore[assignment]
+        prior = _loaded(self.prior, "prior")
         net = self._network(prior)
         cond = dict(text_embeds=text.embeds, text_hidden=text.hidden, text_mask=text.mask)
         if bool(guidance.enabled.any()):
@@ -270,9 +196,8 @@ class Karlo:
             fn = cfg_denoiser(net, cond, uncond, guidance.prior.to(self.device), guidance.enabled.to(self.device))
         else:
             fn = lambda x, t: net(x, t, **cond)  # noqa: E731
-        z = sample_loop(fn, self.prior_schedule, steps, (prior.cfg.embedding_dim,), generators, self.state_dtype,
-                        self.device)
-        return text, negative, prior.unnormalise(z)
+        x = self._start(latents, generators, (prior.cfg.embedding_dim,))
+        return text, negative, prior.unnormalise(sample_loop(fn, self.prior_schedule, x, generators, steps))
 
     @torch.no_grad()
     def run_decoder(
@@ -284,10 +209,11 @@ class Karlo:
         guidance: Guidance,
         *,
         steps: int = 25,
+        latents: torch.Tensor | None = None,  # (B, 3, h, w) starting noise; drawn with the generators if None
     ) -> torch.Tensor:
         """Text projection + 64 px decoder sampling. -> (B, 3, h, w) in [-1, 1]."""
-        text_proj: TextProjection = self._module("text_proj")  # type: ignore[assignment]
-        decoder: UNet = self._module("decoder")  # type: ignore[assignment]
+        text_proj = _loaded(self.text_proj, "text_proj")
+        decoder = _loaded(self.decoder, "decoder")
         net = self._network(decoder)
         b = image_embeds.shape[0]
         image_embeds = image_embeds.to(self.device, self.dtype)
@@ -313,18 +239,18 @@ class Karlo:
             cond = dict(context=context, context_mask=self._decoder_mask(text.mask), class_labels=additive)
             fn = lambda x, t: net(x, t, **cond)  # noqa: E731
         size = decoder.cfg.sample_size
-        x = sample_loop(fn, self.decoder_schedule, steps, (channels, size, size), generators, self.state_dtype,
-                        self.device)
-        return x.clamp(-1, 1)
+        x = self._start(latents, generators, (channels, size, size))
+        return sample_loop(fn, self.decoder_schedule, x, generators, steps).clamp(-1, 1)
 
     @torch.no_grad()
     def run_super_res(
-        self, image_64: torch.Tensor, generators: Sequence[torch.Generator], *, steps: int = 7
+        self, image_64: torch.Tensor, generators: Sequence[torch.Generator], *, steps: int = 7,
+        latents: torch.Tensor | None = None,  # (B, 3, H, W) starting noise; drawn with the generators if None
     ) -> torch.Tensor:
         """64 -> 256 px: ``super_res_first`` for every step but the last, ``super_res_last`` for the last.
         -> (B, 3, H, W) in [-1, 1]."""
-        first: UNet = self._module("super_res_first")  # type: ignore[assignment]
-        last: UNet = self._module("super_res_last")  # type: ignore[assignment]
+        first = _loaded(self.super_res_first, "super_res_first")
+        last = _loaded(self.super_res_last, "super_res_last")
         size = self.config.image_size
         low = upsample(image_64.to(self.device, self.state_dtype), size)  # (B, 3, H, W)
         channels = low.shape[1]
@@ -334,11 +260,21 @@ class Karlo:
             return lambda x, t: net(torch.cat([x, low], dim=1), t)
 
         denoisers = (with_image(first), with_image(last))
-        return sample_loop(
-            denoisers[0], self.super_res_schedule, steps, (channels, size, size), generators, self.state_dtype,
-            self.device,
-            pick=lambda i: denoisers[1] if i == steps - 1 else denoisers[0],
-        )
+        x = self._start(latents, generators, (channels, size, size))
+        return sample_loop(denoisers[0], self.super_res_schedule, x, generators, steps,
+                           pick=lambda i: denoisers[1] if i == steps - 1 else denoisers[0])
+
+    def _start(
+        self, latents: torch.Tensor | None, generators: Sequence[torch.Generator], shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """x_T of a chain: (B, *shape) N(0, I) drawn with each row's generator (init_noise_sigma is 1), or the
+        given latents, which draw nothing (diffusers' ``prepare_latents``)."""
+        if latents is None:
+            return draw_noise(generators, shape, self.state_dtype, self.device)
+        expected = (len(generators), *shape)
+        if tuple(latents.shape) != expected:
+            raise ValueError(f"latents: expected shape {expected}, got {tuple(latents.shape)}")
+        return latents.to(self.device, self.state_dtype)
 
     def _network(self, net: torch.nn.Module):
         """``net`` called on the sampling state (karlo_model.fastpath.network_call)."""
@@ -383,7 +319,7 @@ class Karlo:
         preprocessed as the repo's feature extractor does."""
         if self.config.feature_extractor is None:
             raise RuntimeError("this model has no image encoder (image variations need karlo-v1-alpha-image-variations)")
-        encoder = self._module("image_encoder")
+        encoder = _loaded(self.image_encoder, "image_encoder")
         return clip_vision.encode(encoder, self.config.feature_extractor, images, self.device, self.dtype)
 
     def image_encoder_stage(self, images: Sequence[np.ndarray], seeds: Sequence[int]) -> PriorResult:
@@ -403,9 +339,12 @@ class Karlo:
         decoder_steps: int = 25,
         super_res_steps: int = 7,
         decoder_guidance_scale: float | Sequence[float] = 8.0,
+        decoder_latents: torch.Tensor | None = None,
+        super_res_latents: torch.Tensor | None = None,
     ) -> KarloOutput:
         """Images -> 256 px variations. Row i uses only seeds[i]: the same as diffusers'
-        UnCLIPImageVariationPipeline(images, generator=[torch.Generator().manual_seed(s) for s in seeds])."""
+        UnCLIPImageVariationPipeline(images, generator=[torch.Generator().manual_seed(s) for s in seeds]), with
+        its optional starting latents."""
         if len(images) != len(seeds):
             raise ValueError(f"got {len(images)} images but {len(seeds)} seeds")
         gens = generators_from_seeds(seeds)
@@ -413,7 +352,8 @@ class Karlo:
         guidance = Guidance.of(1.0, decoder_guidance_scale, len(images))
         text = self.encode_text([""] * len(images))
         image_embeds = self.encode_images(images)
-        return self._decode(image_embeds, text, text, gens, guidance, decoder_steps, super_res_steps)
+        return self._decode(image_embeds, text, text, gens, guidance, decoder_steps, super_res_steps,
+                            decoder_latents, super_res_latents)
 
     def decoder_stage(
         self,
@@ -472,98 +412,34 @@ class Karlo:
         prior_guidance_scale: float | Sequence[float] = 4.0,
         decoder_guidance_scale: float | Sequence[float] = 8.0,
         negative_prompts: Sequence[str] | None = None,
+        prior_latents: torch.Tensor | None = None,  # (B, D)
+        decoder_latents: torch.Tensor | None = None,  # (B, 3, 64, 64); image-to-image starts from a noised image
+        super_res_latents: torch.Tensor | None = None,  # (B, 3, 256, 256)
     ) -> KarloOutput:
         """Text -> 256 px images. Row i uses only seeds[i]: the same as
-        diffusers' UnCLIPPipeline(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds])."""
+        diffusers' UnCLIPPipeline(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds]). Starting
+        latents, when given, replace the draws from the generators, as diffusers' ``*_latents`` arguments do."""
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         gens = generators_from_seeds(seeds)
         guidance = Guidance.of(prior_guidance_scale, decoder_guidance_scale, len(prompts))
         text, negative, image_embeds = self.run_prior(
-            prompts, gens, guidance, steps=prior_steps, negative_prompts=negative_prompts
+            prompts, gens, guidance, steps=prior_steps, negative_prompts=negative_prompts, latents=prior_latents
         )
-        return self._decode(image_embeds, text, negative, gens, guidance, decoder_steps, super_res_steps)
+        return self._decode(image_embeds, text, negative, gens, guidance, decoder_steps, super_res_steps,
+                            decoder_latents, super_res_latents)
 
     def _decode(
         self, image_embeds: torch.Tensor, text: TextEncoding, negative: TextEncoding, gens: list[torch.Generator],
-        guidance: Guidance, decoder_steps: int, super_res_steps: int,
+        guidance: Guidance, decoder_steps: int, super_res_steps: int, decoder_latents: torch.Tensor | None,
+        super_res_latents: torch.Tensor | None,
     ) -> KarloOutput:
         """Decoder and super-resolution from CLIP image embeddings: the common end of generate and variations."""
-        image_64 = self.run_decoder(image_embeds, text, negative, gens, guidance, steps=decoder_steps)
-        images = to_uint8(self.run_super_res(image_64, gens, steps=super_res_steps))
+        image_64 = self.run_decoder(image_embeds, text, negative, gens, guidance, steps=decoder_steps,
+                                    latents=decoder_latents)
+        images = to_uint8(self.run_super_res(image_64, gens, steps=super_res_steps, latents=super_res_latents))
         return KarloOutput(
             images=images.cpu().numpy(),
             image_embeds=image_embeds.float().cpu().numpy(),
             text_embeds=text.embeds.float().cpu().numpy(),
         )
-
-
-def repo_classes(index: dict) -> dict[str, str]:
-    """The components a repo must have, by the pipeline class its model_index.json names."""
-    return VARIATION_CLASSES if index.get("_class_name") == VARIATIONS_PIPELINE else EXPECTED_CLASSES
-
-
-def read_repo_configs(root: Path) -> KarloConfig:
-    """Every component config of a diffusers-format repo, checked against model_index.json."""
-    index = read_json(root / "model_index.json")
-    classes = repo_classes(index)
-    for comp, cls_name in classes.items():
-        entry = index.get(comp)
-        if not (isinstance(entry, list) and len(entry) == 2 and entry[1] in CLASS_ALIASES.get(cls_name, (cls_name,))):
-            raise WeightsError(
-                f"{root / 'model_index.json'}: expected {comp!r} to be a {cls_name}, found {entry!r} (is this a "
-                "Karlo repo such as kakaobrain/karlo-v1-alpha or kakaobrain/karlo-v1-alpha-image-variations?)"
-            )
-    if classes is VARIATION_CLASSES:
-        first = dict(prior=None, image_encoder=read_json(root / "image_encoder" / "config.json"),
-                     feature_extractor=_config(root, "feature_extractor", clip_vision.ImageProcessorConfig))
-    else:
-        first = dict(prior=_config(root, "prior", PriorConfig),
-                     prior_scheduler=_config(root, "prior_scheduler", SchedulerConfig))
-    try:
-        return KarloConfig(
-            text_encoder=read_json(root / "text_encoder" / "config.json"),
-            text_proj=_config(root, "text_proj", TextProjConfig),
-            decoder=_config(root, "decoder", UNetConfig),
-            super_res_first=_config(root, "super_res_first", UNetConfig),
-            super_res_last=_config(root, "super_res_last", UNetConfig),
-            decoder_scheduler=_config(root, "decoder_scheduler", SchedulerConfig),
-            super_res_scheduler=_config(root, "super_res_scheduler", SchedulerConfig),
-            **first,
-        )
-    except ValueError as e:
-        if isinstance(e, WeightsError):
-            raise
-        raise WeightsError(f"{root}: {e}") from None  # a mismatch between components
-
-
-def _config(root: Path, component: str, cls):
-    """One component's config; an error names its file (there are two super-res and three scheduler configs)."""
-    names = {SchedulerConfig: "scheduler_config.json", clip_vision.ImageProcessorConfig: "preprocessor_config.json"}
-    path = root / component / names.get(cls, "config.json")
-    data = read_json(path)
-    try:
-        return cls.from_dict(data)
-    except ValueError as e:
-        raise WeightsError(f"{path}: {e}") from None
-
-
-def build_module(config: KarloConfig, component: str) -> torch.nn.Module:
-    """An uninitialised network for ``component`` (on whatever default device is active)."""
-    cfg = getattr(config, component)
-    return MODULE_CLASSES[type(cfg)](cfg)
-
-
-def _load_module(config: KarloConfig, component: str, folder: Path) -> torch.nn.Module:
-    with torch.device("meta"):  # no time or memory spent on an init that the checkpoint overwrites
-        module = build_module(config, component)
-    state, source = load_state_dict(folder)
-    load_into(module, state, source)
-    return module
-
-
-def _load_text_encoder(config: dict, folder: Path) -> torch.nn.Module:
-    encoder = text_lib.build_text_encoder(config)
-    state, source = load_state_dict(folder)
-    load_into(encoder, state, source)
-    return encoder

@@ -15,15 +15,13 @@ Files and their key prefixes:
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
+
+from .weights import WeightsError, load_torch_file
 
 __all__ = [
     "KARLO_ATTENTION_HEAD_DIM",
@@ -45,32 +43,23 @@ KARLO_ATTENTION_HEAD_DIM = 64
 StateDict = dict[str, torch.Tensor]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(WeightsError):
     """An original checkpoint that cannot be read or does not have the expected layout."""
 
+    kind = "original checkpoint file"
 
-# --------------------------------------------------------------------------------------------------------------
-# Reading files
+    @classmethod
+    def refused(cls, path: str, reason: str) -> "CheckpointError":
+        return cls(
+            f"refusing to load {path}: it holds more than tensors and plain containers, and arbitrary "
+            f"pickled objects are never unpickled (torch.load(weights_only=True) said: {reason})"
+        )
 
 
 def _torch_load(path_or_url: str) -> object:
-    """torch.load restricted to tensors and plain containers, from a local path or any fsspec URL."""
-    fs, path = fsspec.core.url_to_fs(path_or_url)
-    if not fs.isfile(path):
-        raise FileNotFoundError(f"original checkpoint file not found: {path_or_url}")
-    try:
-        if isinstance(fs, LocalFileSystem) and zipfile.is_zipfile(path):
-            # Memory-map local files in torch's zip format: the tensors stay file-backed until they are copied
-            # into a model, instead of a multi-GB checkpoint being read into RAM first.
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        with fs.open(path, "rb") as f:
-            return torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0]
-        raise CheckpointError(
-            f"refusing to load {path_or_url}: it holds more than tensors and plain containers, and arbitrary "
-            f"pickled objects are never unpickled (torch.load(weights_only=True) said: {reason})"
-        ) from err
+    """The file's tensors and plain containers. Local files in torch's zip format are memory-mapped: the tensors
+    stay file-backed until they are copied into a model, instead of a multi-GB checkpoint being read into RAM."""
+    return load_torch_file(path_or_url, error=CheckpointError, mmap=True)
 
 
 def load_checkpoint(path_or_url: str) -> StateDict:

@@ -1,18 +1,20 @@
-"""Sampling loops for the prior, the decoder and the super-resolution networks (reference §4).
+"""The sampling loop of the prior, the decoder and the super-resolution networks, and its wrappers.
 
-A loop takes a denoiser ``fn(x, t) -> model output``, a schedule and the rows' generators; classifier-free
-guidance is a wrapper that keeps that signature. Guidance scales are per row, (B,) tensors, so rows with
-different settings share a batch.
+As in k-diffusion's ``sampling.py``, the loop takes a denoiser ``fn(x, t) -> model output``, the schedule, the
+starting noise ``x`` (drawn by the caller, or injected as diffusers' ``prior_latents``/``decoder_latents``/
+``super_res_latents``) and the rows' generators for the per-step noise. Classifier-free guidance is a wrapper
+that keeps the denoiser's signature. Guidance scales are per row, (B,) tensors, so rows with different settings
+share a batch. The chain is that of diffusers' ``UnCLIPPipeline.__call__``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .noise import draw_noise
 from .scheduler import UnCLIPSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -21,25 +23,49 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def sample_loop(
     fn: Denoiser,
     schedule: UnCLIPSchedule,
+    x: torch.Tensor,  # (B, ...) x_T, the starting noise
+    generators: Sequence[torch.Generator],  # one per row, for the noise of each step
     steps: int,
-    shape: Sequence[int],  # per-row shape of x
-    generators: Sequence[torch.Generator],
-    dtype: torch.dtype,
-    device: torch.device,
     *,
     pick: Callable[[int], Denoiser] | None = None,  # per-step denoiser choice (super-res switches at the end)
 ) -> torch.Tensor:
-    """Ancestral DDPM sampling on the respaced chain, starting from N(0, I) drawn per row."""
-    x = draw_noise(generators, shape, dtype, device)  # init_noise_sigma is 1
+    """Ancestral DDPM sampling on the respaced chain of ``steps`` steps, from ``x``. -> x_0, shaped as ``x``."""
     timesteps = schedule.timesteps(steps)
     # One copy of the whole chain: a scalar tensor made on a GPU every step would wait for the queued work.
-    on_device = torch.tensor(timesteps, device=device)
+    on_device = torch.tensor(timesteps, device=x.device)
     for i, t in enumerate(timesteps):
         step_fn = pick(i) if pick is not None else fn
         out = step_fn(x, on_device[i])
         prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else None
         x = schedule.step(out, t, prev_t, x, generators)
     return x
+
+
+def _per_row(value: float | Sequence[float], n: int, name: str) -> torch.Tensor:
+    """A scalar or one value per row -> (n,) float32."""
+    t = torch.as_tensor(value, dtype=torch.float32).flatten()
+    if t.numel() == 1:
+        return t.expand(n).clone()
+    if t.numel() != n:
+        raise ValueError(f"{name}: expected 1 or {n} values, got {t.numel()}")
+    return t
+
+
+@dataclass
+class Guidance:
+    """Per-row guidance scales. As in diffusers, classifier-free guidance runs for a row when either scale is
+    above 1, and then applies to both stages with that row's scales."""
+
+    prior: torch.Tensor  # (B,)
+    decoder: torch.Tensor  # (B,)
+
+    @classmethod
+    def of(cls, prior: float | Sequence[float], decoder: float | Sequence[float], n: int) -> "Guidance":
+        return cls(_per_row(prior, n, "prior_guidance_scale"), _per_row(decoder, n, "decoder_guidance_scale"))
+
+    @property
+    def enabled(self) -> torch.Tensor:  # (B,) bool
+        return (self.prior > 1.0) | (self.decoder > 1.0)
 
 
 def guided(
@@ -76,7 +102,8 @@ def cfg_denoiser(
 
 
 def upsample(image: torch.Tensor, size: int) -> torch.Tensor:
-    """64 px -> size px, bicubic with antialiasing (reference §4 step 6); not clamped afterwards."""
+    """64 px -> size px, bicubic with antialiasing (diffusers ``UnCLIPPipeline``); not clamped
+    afterwards."""
     return F.interpolate(image, size=[size, size], mode="bicubic", align_corners=False, antialias=True)
 
 

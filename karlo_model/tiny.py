@@ -6,43 +6,20 @@ Its images are noise, but every byte of the loading, sampling and pipeline code 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
 from . import clip_vision
 from . import text as text_lib
-from .config import KarloConfig, preset
-from .karlo import EXPECTED_CLASSES, MODULE_CONFIGS, VARIATION_CLASSES, VARIATIONS_PIPELINE, build_module
+from .config import ImageProcessorConfig, KarloConfig
+from .presets import preset
+from .repo import EXPECTED_CLASSES, MODULE_CONFIGS, VARIATION_CLASSES, VARIATIONS_PIPELINE, build_module, randomize_
 from .weights import save_component
 
 # Library names as on the hub; text_proj is a pipeline-local module there ("unclip").
 LIBRARIES = {"tokenizer": "transformers", "text_encoder": "transformers", "text_proj": "unclip",
              "image_encoder": "transformers", "feature_extractor": "transformers"}
-
-
-@torch.no_grad()
-def randomize_(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """Seeded init of every parameter: N(0, 0.25/fan_in) weights, small biases, norms near identity.
-
-    Done by hand rather than by torch's default init so the same seed gives the same model everywhere. The
-    gain is below 1 so that the random networks are not chaotic: with unit gain, guidance at scale 8 and the
-    1/sqrt(alpha_bar) of early steps amplify float rounding differences (batch size, BLAS kernels) into
-    several uint8 levels, which would hide real determinism bugs in tests.
-    """
-    for name, p in module.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        noise = torch.randn(p.shape, generator=generator, device=generator.device)
-        if "norm" in name or "layer_norm" in name or name.endswith("clip_std"):
-            p.copy_(1.0 + 0.1 * noise if leaf != "bias" else 0.02 * noise)
-            if name.endswith("clip_std"):
-                p.abs_()
-        elif leaf == "bias" or p.dim() < 2:
-            p.copy_(0.02 * noise)
-        else:
-            fan_in = p[0].numel()
-            p.copy_(0.5 * noise / math.sqrt(fan_in))
 
 
 def make_tiny_model(
@@ -51,9 +28,10 @@ def make_tiny_model(
     """Write a random-weight Karlo repo (model_index.json, per-component config + safetensors, tokenizer with
     the real CLIP vocabulary, scheduler configs) to ``out_dir``.
 
-    ``variations`` writes the image-variations layout instead, as kakaobrain built theirs from the text-to-image
-    repo (reference §1.10): the same seed gives the same text encoder, text_proj, decoder and super-res weights,
-    no prior, plus a tiny CLIP vision tower in the text encoder's embedding width and its image processor.
+    ``variations`` writes the image-variations layout instead, as kakaobrain built
+    kakaobrain/karlo-v1-alpha-image-variations from the text-to-image repo: the same seed gives the same text
+    encoder, text_proj, decoder and super-res weights, no prior, plus a tiny CLIP vision tower in the text
+    encoder's embedding width and its image processor.
     """
     out = Path(out_dir)
     config: KarloConfig = preset(preset_name)
@@ -93,5 +71,5 @@ def write_tiny_vision_tower(out: Path, projection: int, generator: torch.Generat
     randomize_(encoder, generator)
     save_component(out / "image_encoder", config, encoder, "model.safetensors")
     (out / "feature_extractor").mkdir(parents=True, exist_ok=True)
-    processor = clip_vision.ImageProcessorConfig().to_dict()
+    processor = ImageProcessorConfig().to_dict()
     (out / "feature_extractor" / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")

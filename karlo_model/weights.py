@@ -7,18 +7,21 @@ unexpected or mis-shaped key is an error that names the keys and the file.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import pickle
+import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .fetch import is_remote, local_copy
 
 # Weight file names per component, in order of preference (diffusers and transformers conventions).
 WEIGHT_FILES = (
@@ -36,13 +39,22 @@ NON_WEIGHT_KEYS = ("text_model.embeddings.position_ids",)
 class WeightsError(ValueError):
     """A model repository or weight file that cannot be loaded as asked."""
 
+    kind = "file"  # what a missing file is called in messages
 
-def cache_root() -> Path:
-    return Path(os.environ.get("KARLO_CACHE", Path.home() / ".cache" / "karlo-pipeline"))
+    @classmethod
+    def refused(cls, path: str, reason: str) -> "WeightsError":
+        """The error for a pickle that needs more than tensors: ``reason`` is torch's first line about it."""
+        return cls(
+            f"{path}: refusing to load, the file needs unpickling of arbitrary Python objects, which can run "
+            f"code; only tensors are accepted (convert it to safetensors). Details: {reason}"
+        )
 
 
-def is_remote(path_or_url: str) -> bool:
-    return "://" in str(path_or_url) and not str(path_or_url).startswith("file://")
+def weight_file(names: Iterable[str], *, sharded: bool = True) -> str | None:
+    """The file of a component folder holding ``names`` that its weights load from: the first of WEIGHT_FILES
+    present (a sharded index only if ``sharded``), or None."""
+    present = set(names)
+    return next((w for w in WEIGHT_FILES if w in present and (sharded or not w.endswith(".index.json"))), None)
 
 
 def local_repo(
@@ -54,9 +66,8 @@ def local_repo(
     """A local folder holding the repo's files needed for ``components``, plus the config files of the
     ``config_only`` components (every component config is read to check the whole model).
 
-    Remote repos are copied once per machine into the cache (a file lock makes concurrent actors on one node
-    wait for a single download instead of each fetching gigabytes); only one weight format per component is
-    fetched.
+    Remote repos are copied once per machine into the cache (karlo_model.fetch); only one weight format per
+    component is fetched.
     """
     path = str(path_or_url)
     if not is_remote(path):
@@ -64,22 +75,11 @@ def local_repo(
         if not root.is_dir():
             raise WeightsError(f"model folder {root} does not exist")
         return root
-    fs, remote_root = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    digest = hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16]
-    dest = cache_root() / "models" / digest
-    dest.mkdir(parents=True, exist_ok=True)
-    with open(dest / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        for rel in _remote_files(fs, remote_root, components) + _remote_configs(fs, remote_root, config_only):
-            target = dest / rel
-            size = fs.size(f"{remote_root}/{rel}")
-            if target.exists() and target.stat().st_size == size:
-                continue  # complete from an earlier download (partial ones are written under a temp name)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".tmp-{target.name}")
-            fs.get_file(f"{remote_root}/{rel}", str(tmp))
-            os.replace(tmp, target)
-    return dest
+    return local_copy(
+        path,
+        lambda fs, root: _remote_files(fs, root, components) + _remote_configs(fs, root, config_only),
+        storage_options,
+    )
 
 
 def _remote_files(fs, root: str, components: list[str]) -> list[str]:
@@ -91,7 +91,7 @@ def _remote_files(fs, root: str, components: list[str]) -> list[str]:
             f"{root}/{comp}") else set()
         if not names:
             raise WeightsError(f"the model has no {comp}/ folder")
-        weights = next((w for w in WEIGHT_FILES if w in names), None)
+        weights = weight_file(names)
         chosen = {n for n in names if n.endswith((".json", ".txt"))}
         if weights is not None:
             chosen.add(weights)
@@ -116,36 +116,44 @@ def read_json(path: Path) -> dict[str, Any]:
         raise WeightsError(f"{path} is not valid JSON: {e}") from None
 
 
-def load_torch_file(path: Path, map_location: str = "cpu") -> dict[str, torch.Tensor]:
-    """A pickled state dict, refusing anything but tensors and plain containers. With ``map_location="meta"``
-    only the pickle is read, no tensor data: a cheap check of the whole file's structure."""
+def load_torch_file(
+    path_or_url: str | os.PathLike, map_location: str = "cpu", *, error: type[WeightsError] = WeightsError,
+    mmap: bool = False,
+) -> Any:
+    """A pickled file (local path or fsspec URL) holding only tensors and plain containers: nothing else is ever
+    unpickled. With ``map_location="meta"`` only the pickle is read, no tensor data: a cheap check of the whole
+    file's structure. ``mmap`` keeps a local file's tensors file-backed until they are copied into a model.
+    Refusals and damaged files raise ``error``, whose ``refused`` words the message."""
+    fs, path = fsspec.core.url_to_fs(str(path_or_url))
+    if not fs.isfile(path):
+        raise FileNotFoundError(f"{error.kind} not found: {path_or_url}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        if mmap and isinstance(fs, LocalFileSystem) and zipfile.is_zipfile(path):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        with fs.open(path, "rb") as f:
+            return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise WeightsError(
-            f"{path}: refusing to load, the file needs unpickling of arbitrary Python objects, which can run "
-            f"code; only tensors are accepted (convert it to safetensors). Details: {str(e).splitlines()[0]}"
-        ) from None
+        raise error.refused(str(path_or_url), str(e).strip().splitlines()[0]) from None
     except Exception as e:  # a damaged pickle can fail in the unpickler with any error type (IndexError, ...)
-        raise WeightsError(f"{path}: not a readable PyTorch file ({type(e).__name__}: {e})") from None
+        raise error(f"{path_or_url}: not a readable PyTorch file ({type(e).__name__}: {e})") from None
 
 
 def load_state_dict(component_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
     """The component's weights and the file(s) they came from."""
-    for name in WEIGHT_FILES:
-        path = component_dir / name
-        if not path.is_file():
-            continue
-        if name.endswith(".index.json"):
-            shards = sorted(set(read_json(path)["weight_map"].values()))
-            sd: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                sd.update(_load_safetensors(component_dir / shard))
-            return sd, str(path)
-        if name.endswith(".safetensors"):
-            return _load_safetensors(path), str(path)
-        return load_torch_file(path), str(path)
-    raise WeightsError(f"no weight file in {component_dir} (looked for {', '.join(WEIGHT_FILES)})")
+    names = [p.name for p in component_dir.iterdir() if p.is_file()] if component_dir.is_dir() else []
+    name = weight_file(names)
+    if name is None:
+        raise WeightsError(f"no weight file in {component_dir} (looked for {', '.join(WEIGHT_FILES)})")
+    path = component_dir / name
+    if name.endswith(".index.json"):
+        shards = sorted(set(read_json(path)["weight_map"].values()))
+        sd: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            sd.update(_load_safetensors(component_dir / shard))
+        return sd, str(path)
+    if name.endswith(".safetensors"):
+        return _load_safetensors(path), str(path)
+    return load_torch_file(path), str(path)
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

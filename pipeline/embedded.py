@@ -9,15 +9,11 @@ run's identity.
 
 from __future__ import annotations
 
-import fcntl
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from karlo_model import make_tiny_model
-from karlo_model.weights import cache_root
+from karlo_model.fetch import built_once
 
 DEFAULT_MODEL_NAME = "tiny-random-v1"
 
@@ -31,19 +27,11 @@ class EmbeddedModel:
         return f"{DEFAULT_MODEL_NAME}-variations" if self.variations else DEFAULT_MODEL_NAME
 
     def path(self) -> str:
-        """This machine's copy, built once (a file lock makes concurrent processes wait for one build)."""
-        target = cache_root() / self.name
-        if (target / "model_index.json").is_file():
-            return str(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target.parent / f".{self.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (target / "model_index.json").is_file():
-                tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-                make_tiny_model(tmp, seed=0, preset_name="tiny", variations=self.variations)
-                shutil.rmtree(target, ignore_errors=True)
-                os.replace(tmp, target)
-        return str(target)
+        """This machine's copy, built once (concurrent processes wait for one build)."""
+        return str(built_once(self.name, self._build, done="model_index.json"))
+
+    def _build(self, folder: Path) -> None:
+        make_tiny_model(folder, seed=0, preset_name="tiny", variations=self.variations)
 
 
 def default_model(variations: bool = False) -> str:

@@ -19,7 +19,8 @@ from typing import Any
 import fsspec
 from safetensors import SafetensorError, safe_open
 
-from karlo_model.weights import WEIGHT_FILES, WeightsError, cache_root, file_digest, is_remote, load_torch_file
+from karlo_model.fetch import cache_root, is_remote
+from karlo_model.weights import WeightsError, file_digest, load_torch_file, weight_file
 
 from .config import ConfigError
 from .reader import display_url
@@ -69,7 +70,7 @@ def model_identity(model: str, storage_options: dict | None = None) -> dict[str,
         if not fs.isdir(folder):
             continue
         names = {p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)}
-        chosen = next((w for w in WEIGHT_FILES if w in names), None)
+        chosen = weight_file(names)
         if chosen is None:
             continue
         info = fs.info(f"{folder}/{chosen}")

@@ -15,12 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from karlo_model import Karlo
-from karlo_model.karlo import EXPECTED_CLASSES, read_repo_configs
-from karlo_model.config import KarloConfig
-from karlo_model.karlo import PriorResult
-from karlo_model.text import MAX_LENGTH, TextEncoding
-from karlo_model.weights import local_repo
+from karlo_model import DTYPES, MAX_LENGTH, Karlo, KarloConfig, PriorResult, TextEncoding, read_configs
 
 from . import columns as C
 from . import faults
@@ -28,7 +23,6 @@ from .redact import redact, secret_values
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCALES = (C.PRIOR_GUIDANCE_SCALE, C.DECODER_GUIDANCE_SCALE)
 Batch = dict[str, np.ndarray]
 RNG_STATE_BYTES = torch.Generator().get_state().numel()  # width of the hand-over column of generator states
@@ -64,8 +58,7 @@ class Stage:
             # Measurement mode: the data plane alone (transfers, encoding, writes) with the networks replaced by
             # synthetic outputs of the right shapes.
             self.model = None
-            configs = [c for c in EXPECTED_CLASSES if c != "tokenizer"]
-            self.config = read_repo_configs(local_repo(model, [], storage_options, config_only=configs))
+            self.config = read_configs(model, storage_options)
         else:
             self.model = Karlo.from_pretrained(
                 model, device=device, dtype=DTYPES[dtype], stages=self.components, storage_options=storage_options

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from karlo_model.karlo import VARIATIONS_PIPELINE
+from karlo_model import VARIATIONS_PIPELINE
 
 from . import columns as C
 from .config import ConfigError

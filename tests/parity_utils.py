@@ -19,7 +19,8 @@ from diffusers import PriorTransformer, UnCLIPPipeline, UnCLIPScheduler, UNet2DC
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-from karlo_model.config import KarloConfig, UNetConfig, preset
+from karlo_model.config import KarloConfig, UNetConfig
+from karlo_model.presets import preset
 from karlo_model.text import write_clip_vocabulary
 
 @pytest.fixture(scope="module", autouse=True)

@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from jobs import bench
 from jobs.cli import main
 from karlo_model import Karlo, preset
-from karlo_model.karlo import build_module
+from karlo_model.repo import build_module
 
 STEPS = (2, 2, 2)
 

@@ -17,7 +17,8 @@ from pipeline_utils import PROMPTS, STEPS, read_output, reference, write_table
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from karlo_model import make_tiny_model
-from karlo_model.clip_vision import ImageProcessorConfig, preprocess, tiny_vision_config
+from karlo_model.clip_vision import preprocess, tiny_vision_config
+from karlo_model.config import ImageProcessorConfig
 from karlo_model.config import ConfigError as ModelConfigError
 from pipeline import columns as C
 from pipeline.config import ConfigError, RunConfig, StageConfig

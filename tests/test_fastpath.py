@@ -22,9 +22,8 @@ from parity_utils import single_thread  # noqa: F401 (fixture)
 
 from karlo_model import Karlo, make_tiny_model, preset
 from karlo_model.fastpath import DENOISERS, UNETS, fast_by_default, network_call, state_dtype
-from karlo_model.karlo import Guidance
 from karlo_model.noise import draw_noise, generator_states, generators_from_seeds, generators_from_states
-from karlo_model.sampling import sample_loop, to_uint8
+from karlo_model.sampling import Guidance, sample_loop, to_uint8
 from karlo_model.scheduler import UnCLIPSchedule
 
 PROMPTS = ["a horse in a field", "a red cube on a wooden table", "an astronaut riding a horse", ""]
@@ -223,7 +222,8 @@ def test_sampler_gets_the_respaced_timesteps(model):
         seen.append(t)
         return torch.zeros_like(x)
 
-    sample_loop(denoiser, schedule, 4, (3, 2, 2), generators_from_seeds([0]), torch.float32, torch.device("cpu"))
+    gens = generators_from_seeds([0])
+    sample_loop(denoiser, schedule, draw_noise(gens, (3, 2, 2), torch.float32, "cpu"), gens, 4)
     assert [int(t) for t in seen] == schedule.timesteps(4)
     assert all(t.dim() == 0 and t.dtype == torch.int64 for t in seen)
 

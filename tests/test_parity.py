@@ -15,6 +15,7 @@ with diffusers'/transformers' own seeded init and written with ``save_pretrained
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,3 +282,25 @@ def test_generate_matches_diffusers(ref: Reference, case):
         assert a.shape == b.shape
         assert np.abs(b).max() > 0.1  # not degenerate
         assert np.abs(a - b).max() <= 1e-4, name
+
+
+def test_injected_latents_match_diffusers(ref: Reference):
+    """Starting latents given for the three chains replace the generators' first draws, as diffusers'
+    prior_latents, decoder_latents and super_res_latents do (image-to-image starts the decoder this way)."""
+    prompts, seeds = ["a horse", "a red cube on a wooden table"], [11, 22]
+    cfg, g = ref.karlo.config, torch.Generator().manual_seed(99)
+    dec = cfg.decoder
+    latents = dict(
+        prior_latents=torch.randn((2, cfg.prior.embedding_dim), generator=g),
+        decoder_latents=torch.randn((2, dec.in_channels, dec.sample_size, dec.sample_size), generator=g),
+        super_res_latents=torch.randn((2, 3, cfg.image_size, cfg.image_size), generator=g),
+    )
+    steps = dict(prior_steps=STEPS["prior"], decoder_steps=STEPS["decoder"], super_res_steps=STEPS["super_res"])
+    theirs = run_diffusers(ref.pipe, prompts, seeds, **latents)
+    ours = ref.karlo.generate(prompts, seeds, **steps, **latents)
+    assert_images_match(ours.images, theirs.images)
+    assert np.abs(ours.image_embeds - theirs.image_embeds).max() <= 1e-4
+    assert not np.array_equal(ours.images, ref.karlo.generate(prompts, seeds, **steps).images)
+    expected = re.escape(f"latents: expected shape {(2, dec.in_channels, dec.sample_size, dec.sample_size)}")
+    with pytest.raises(ValueError, match=expected):
+        ref.karlo.generate(prompts, seeds, **steps, decoder_latents=latents["decoder_latents"][:1])
