@@ -175,7 +175,7 @@ def _first_cause(e: BaseException) -> str:
 
 
 def _print_summary(s) -> None:
-    from pipeline.progress import format_summary
+    from jobs.run_report import format_summary
 
     click.echo(format_summary(s))
 

@@ -7,23 +7,22 @@ already committed, or refuse because OUTPUT holds a run with other settings.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Callable
 
 from .config import ConfigError, RunConfig
-from .manifest import MANIFEST, differences, identity_of_run, model_identity
-from .placement import PlacementError, layout
-from .reader import display_url, plan_inputs
-from .sinks import committed_keys, output_filesystem
+from .manifest import differences, identity_of_run, model_identity
+from .outputs import committed_keys, output_filesystem, read_manifest
+from .placement import PlacementError, format_layout, layout
+from .reader import plan_inputs
+from .redact import display_url
+from .run import check_resources, default_model, init_ray
 from .variations import check_model_kind, image_column_check
 
 
 def placement_plan(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
     """What ``karlo plan`` prints: the layout of ``cfg``'s stage actors on the cluster (reserved, then released),
     its ``error`` the refusal a run would meet, GPUs first, then the CPUs left for reading."""
-    from .run import check_resources, init_ray
-
     init_ray(echo)
     report = layout(cfg.stages, timeout=cfg.placement_timeout)
     if not report["error"]:
@@ -36,8 +35,6 @@ def placement_plan(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, 
 
 def dry_run(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
     """The report of a dry run of ``cfg``; raises what ``run`` raises for unusable input, model or settings."""
-    from .run import default_model
-
     variations = cfg.task == "variations"
     plan = plan_inputs(cfg.input_url, cfg.storage_options, cfg.rows_per_read_task,
                        check_columns=image_column_check(cfg.image_column) if variations else None)
@@ -50,9 +47,8 @@ def dry_run(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
         raise PlacementError(placement["error"])
 
     fs, root = output_filesystem(cfg.output_url, cfg.storage_options)
-    conflict: list[str] = []
-    if fs.exists(f"{root}/{MANIFEST}"):
-        conflict = differences(json.loads(fs.cat_file(f"{root}/{MANIFEST}")).get("identity", {}), identity)
+    previous = read_manifest(fs, root)
+    conflict = differences(previous.get("identity", {}), identity) if previous else []
     committed = 0 if conflict or not fs.exists(root) else len(committed_keys(cfg.output_url, cfg.storage_options))
     remaining = plan.total_rows - committed
     return {
@@ -76,8 +72,6 @@ def dry_run(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
 
 
 def format_dry_run(report: dict[str, Any]) -> str:
-    from .placement import format_layout
-
     inp, out = report["input"], report["output"]
     lines = [format_layout(report["placement"]),
              f"input {inp['url']}: {len(inp['files'])} file(s), {inp['rows']} rows"]

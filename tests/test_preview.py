@@ -21,7 +21,8 @@ from browser import Browser, find_chromium
 from jobs.cli import main
 from jobs.preview import SHEET_THUMB, read_output, write_preview
 from pipeline.shards import ShardRows
-from pipeline.sinks import KarloDatasink, output_filesystem, write_json_atomic
+from pipeline.outputs import output_filesystem
+from pipeline.sinks import KarloDatasink, write_json_atomic
 
 SETTINGS = {"model": "tiny-random", "prior_steps": 3, "decoder_steps": 3, "super_res_steps": 2}
 
