@@ -437,7 +437,7 @@ def bench_driver_memory_cmd(rows, as_json) -> None:
 
 from jobs.k8s import launch_rayjob_cmd, render_k8s_cmd  # noqa: E402 - commands defined in their own modules
 from jobs.submit import jobs_group, submit_cmd  # noqa: E402
-from jobs.sweep import sweep_cmd  # noqa: E402
+from jobs.sweep.command import sweep_cmd  # noqa: E402
 
 main.add_command(submit_cmd)
 main.add_command(jobs_group)

@@ -22,7 +22,6 @@ from safetensors import SafetensorError, safe_open
 from karlo_model.weights import WEIGHT_FILES, WeightsError, cache_root, file_digest, is_remote, load_torch_file
 
 from .config import ConfigError
-from .outputs import MANIFEST, SUCCESS
 from .redact import display_url, storage_error
 
 PACKAGES = ("karlo-pipeline", "torch", "transformers", "ray", "pyarrow", "fsspec", "s3fs", "pillow", "numpy")

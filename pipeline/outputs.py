@@ -99,12 +99,16 @@ def read_columns(fs: fsspec.AbstractFileSystem, path: str, wanted: Iterable[str]
 
 
 class CommittedRun:
-    """The committed part of the run under ``output_url``: its markers as they were when this was made, and the
-    files they list."""
+    """The committed part of the run under ``root``: its markers as they were when this was made, and the files
+    they list."""
 
-    def __init__(self, output_url: str, storage_options: dict[str, Any] | None = None):
-        self.fs, self.root = output_filesystem(output_url, storage_options)
-        self.markers = read_markers(self.fs, self.root)
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str):
+        self.fs, self.root = fs, root
+        self.markers = read_markers(fs, root)
+
+    @classmethod
+    def open(cls, output_url: str, storage_options: dict[str, Any] | None = None) -> CommittedRun:
+        return cls(*output_filesystem(output_url, storage_options))
 
     @property
     def written(self) -> int:
@@ -175,10 +179,10 @@ def committed_shards(output_url: str, storage_options: dict[str, Any] | None = N
 
 def committed_keys(output_url: str, storage_options: dict[str, Any] | None = None) -> set[str]:
     """Keys of every committed row under ``output_url``: see :meth:`CommittedRun.keys`."""
-    return CommittedRun(output_url, storage_options).keys()
+    return CommittedRun.open(output_url, storage_options).keys()
 
 
 def damaged_sources(output_url: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     """Input files with undecodable data under ``output_url``, named beside the files the plan found unreadable:
     see :meth:`CommittedRun.damaged_sources`."""
-    return CommittedRun(output_url, storage_options).damaged_sources()
+    return CommittedRun.open(output_url, storage_options).damaged_sources()

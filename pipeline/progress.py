@@ -53,7 +53,8 @@ def format_rate(per_second: float) -> str:
     return f"{per_second:.3f}"
 
 
-def _plural(n: int, word: str) -> str:
+def plural(n: int, word: str) -> str:
+    """``1 error``, ``1,234 errors``."""
     return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
@@ -106,7 +107,7 @@ class Progress:
             *([] if generated is None else [f"{min(self.total, self.baseline.done + generated):,} generated"]),
             f"{format_rate(self.images_per_second(tally, now))} img/s",
             "ETA " + ("--" if eta is None else format_duration(eta)),
-            _plural(tally.errors, "error"),
+            plural(tally.errors, "error"),
         ])
 
 

@@ -28,7 +28,7 @@ from . import crashes
 from .actors import add_stage
 from .config import ConfigError, RunConfig
 from .encode import ENCODE_CPUS, add_encode
-from .manifest import MANIFEST, SUCCESS, identity_changes, identity_of_run, model_identity, now, package_versions
+from .manifest import identity_changes, identity_of_run, model_identity, now, package_versions
 from .placement import placement_record, reserved
 from .progress import report_progress
 from .reader import InputError, InputPlan, display_url, plan_inputs, read_column, read_prompts
@@ -37,7 +37,8 @@ from .schema import find_duplicates, prepare_and_skip
 from .scoring import check_tower, clip_model_for, reference_column
 from .shards import unwritable_columns
 from .variations import check_model_kind, image_column_check, prepare_images
-from .outputs import RUN_FOLDERS, committed_keys, committed_shards, damaged_sources, output_filesystem
+from .outputs import (MANIFEST, RUN_FOLDERS, SUCCESS, committed_keys, committed_shards, damaged_sources,
+                      output_filesystem)
 from .sinks import KarloDatasink, SinkResult, check_writable, remove_uncommitted, write_json_atomic
 
 logger = logging.getLogger(__name__)
