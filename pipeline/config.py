@@ -27,6 +27,10 @@ DEVICES = ("cpu", "cuda")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 IMAGE_FORMATS = ("png", "jpeg", "webp")
 OUTPUT_FORMATS = ("webdataset", "parquet")
+# Sampling defaults of a run: the schedule and classifier-free guidance scales Karlo v1 alpha was released with.
+PRIOR_STEPS, DECODER_STEPS, SUPER_RES_STEPS = 25, 25, 7
+DEFAULT_STEPS = (PRIOR_STEPS, DECODER_STEPS, SUPER_RES_STEPS)  # prior, decoder, super-res
+PRIOR_GUIDANCE_SCALE, DECODER_GUIDANCE_SCALE = 4.0, 8.0
 
 # GPU shares follow each stage's compute per image (docs/gpu.md: SR 61%, decoder 31%, prior 8%), so
 # one GPU shared by the pools spends its time where the work is. The image encoder of variations stands in for the
@@ -155,11 +159,11 @@ class RunConfig:
     output_url: str
     model: str | None = None  # None: the embedded tiny random model
     seed: int = 0
-    prior_steps: int = 25
-    decoder_steps: int = 25
-    super_res_steps: int = 7
-    prior_guidance_scale: float = 4.0
-    decoder_guidance_scale: float = 8.0
+    prior_steps: int = PRIOR_STEPS
+    decoder_steps: int = DECODER_STEPS
+    super_res_steps: int = SUPER_RES_STEPS
+    prior_guidance_scale: float = PRIOR_GUIDANCE_SCALE
+    decoder_guidance_scale: float = DECODER_GUIDANCE_SCALE
     image_format: str = "png"
     output_format: str = "webdataset"
     rows_per_shard: int = 1000
