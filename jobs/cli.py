@@ -10,8 +10,14 @@ from pathlib import Path
 
 import click
 
-EXIT_ROW_ERRORS = 3  # the run finished, but some rows (or input files) could not be generated
-EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+from jobs.exit_codes import EXIT_INTERRUPTED, EXIT_ROW_ERRORS
+from jobs.run_report import format_summary
+from pipeline.config import (ALL_STAGE_NAMES, DECODER_GUIDANCE_SCALE, DECODER_STEPS, DEFAULT_STEPS, DEVICES, DTYPE_NAMES,
+                             IMAGE_FORMATS, OUTPUT_FORMATS, PRIOR_GUIDANCE_SCALE, PRIOR_STEPS, SUPER_RES_STEPS,
+                             ConfigError, RunConfig, load_stage_config_file)
+from pipeline.redact import redact
+
+DEVICE_CHOICE, DTYPE_CHOICE = click.Choice(DEVICES), click.Choice(DTYPE_NAMES)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,16 +38,14 @@ def main(verbose: bool) -> None:
 def _run_options(command):
     """Output, resources and the optional CLIP score stage (pipeline.scoring): shared by generate and variations."""
     options = [
-        click.option("--image-format", type=click.Choice(["png", "jpeg", "webp"]), default="png", show_default=True),
-        click.option("--output-format", type=click.Choice(["webdataset", "parquet"]), default="webdataset",
-                     show_default=True),
+        click.option("--image-format", type=click.Choice(IMAGE_FORMATS), default="png", show_default=True),
+        click.option("--output-format", type=click.Choice(OUTPUT_FORMATS), default="webdataset", show_default=True),
         click.option("--rows-per-shard", default=1000, show_default=True, type=int),
         click.option("--stage-config", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="YAML file with per-stage batch_size, actors, num_gpus, num_cpus, device, dtype (sections "
                           "prior or image_encoder, decoder, super_res, clip_score)."),
-        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-                     show_default=True),
+        click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True),
+        click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True),
         click.option("--overwrite", is_flag=True, help="Delete a previous run in OUTPUT made with other settings."),
         click.option("--placement-timeout", default=0.0, show_default=True, type=click.FloatRange(min=0),
                      metavar="SECONDS",
@@ -73,11 +77,11 @@ def _run_options(command):
 @click.option("--model", default=None, metavar="DIR|URL",
               help="Diffusers-format Karlo repo (folder or fsspec URL). Default: an embedded tiny random model.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Run seed; rows without a seed derive theirs from it.")
-@click.option("--prior-steps", default=25, show_default=True, type=int)
-@click.option("--decoder-steps", default=25, show_default=True, type=int)
-@click.option("--super-res-steps", default=7, show_default=True, type=int)
-@click.option("--prior-guidance-scale", default=4.0, show_default=True, type=float)
-@click.option("--decoder-guidance-scale", default=8.0, show_default=True, type=float)
+@click.option("--prior-steps", default=PRIOR_STEPS, show_default=True, type=int)
+@click.option("--decoder-steps", default=DECODER_STEPS, show_default=True, type=int)
+@click.option("--super-res-steps", default=SUPER_RES_STEPS, show_default=True, type=int)
+@click.option("--prior-guidance-scale", default=PRIOR_GUIDANCE_SCALE, show_default=True, type=float)
+@click.option("--decoder-guidance-scale", default=DECODER_GUIDANCE_SCALE, show_default=True, type=float)
 @_run_options
 def generate(input_url, output_url, model, stage_config, device, dtype, progress_interval, **settings) -> None:
     """Generate one image per row of the prompt table(s) at INPUT_URL into OUTPUT_URL.
@@ -101,9 +105,9 @@ def generate(input_url, output_url, model, stage_config, device, dtype, progress
               help="Column of image bytes, Hugging Face Image structs {bytes, path}, or image paths/URLs.")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Run seed; rows without a seed derive theirs from it.")
-@click.option("--decoder-steps", default=25, show_default=True, type=int)
-@click.option("--super-res-steps", default=7, show_default=True, type=int)
-@click.option("--decoder-guidance-scale", default=8.0, show_default=True, type=float)
+@click.option("--decoder-steps", default=DECODER_STEPS, show_default=True, type=int)
+@click.option("--super-res-steps", default=SUPER_RES_STEPS, show_default=True, type=int)
+@click.option("--decoder-guidance-scale", default=DECODER_GUIDANCE_SCALE, show_default=True, type=float)
 @_run_options
 def variations(input_url, output_url, model, stage_config, device, dtype, progress_interval, **settings) -> None:
     """Generate one variation of each image in the table(s) at INPUT_URL into OUTPUT_URL.
@@ -121,9 +125,7 @@ def _run_command(input_url, output_url, model, stage_config, device, dtype, prog
     """Build the RunConfig, run it (or its dry run), print the summary and exit with the run's status."""
     from ray.exceptions import RayError
 
-    from pipeline.config import ALL_STAGE_NAMES, ConfigError, RunConfig, load_stage_config_file
     from pipeline.reader import InputError
-    from pipeline.redact import redact
     from pipeline.run import OutputError, RayStartError, run
 
     dry = settings.pop("dry_run")
@@ -167,7 +169,7 @@ def _run_command(input_url, output_url, model, stage_config, device, dtype, prog
         what = str(e) if isinstance(e, RayStartError) else _first_cause(e)
         click.echo(f"error: {redact(what)} (rerun the same command to resume)", err=True)
         sys.exit(1)
-    _print_summary(summary)
+    click.echo(format_summary(summary))
     if not summary.ok:
         sys.exit(EXIT_ROW_ERRORS)
 
@@ -186,17 +188,11 @@ def _first_cause(e: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[0] if lines else ''}"
 
 
-def _print_summary(s) -> None:
-    from pipeline.progress import format_summary
-
-    click.echo(format_summary(s))
-
-
 @main.command("plan")
 @click.option("--stage-config", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The YAML stage config a run would use (see `karlo generate --help`).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True)
+@click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True)
 @click.option("--clip-score", is_flag=True, help="Include the CLIP score stage, as `generate --clip-score` does.")
 @click.option("--variations", is_flag=True, help="The stages of `karlo variations` (image encoder for the prior).")
 @click.option("--placement-timeout", default=0.0, show_default=True, type=click.FloatRange(min=0), metavar="SECONDS",
@@ -208,7 +204,6 @@ def plan_cmd(stage_config, device, dtype, clip_score, variations, placement_time
 
     Exits 0 when every actor places, 2 with a message naming what does not fit.
     """
-    from pipeline.config import ALL_STAGE_NAMES, ConfigError, RunConfig, load_stage_config_file
     from pipeline.dry_run import placement_plan
     from pipeline.placement import format_layout
 
@@ -276,9 +271,6 @@ def bench(ctx: click.Context) -> None:
         ctx.invoke(bench_all_cmd)
 
 
-DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
-
-
 def _model_options(fn):
     """Which model, where and how: shared by the benchmarks that run the model in this process."""
     options = [
@@ -289,12 +281,12 @@ def _model_options(fn):
                           "memory (nothing written to disk)."),
         click.option("--random-weights", is_flag=True, help="Use --preset's shapes with random weights."),
         click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random weights."),
-        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+        click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True),
         click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True),
         click.option("--fast/--no-fast", default=None,
                      help="The fast path (channels_last, cuDNN autotuning). Default: on for cuda with bf16/fp16."),
         click.option("--compile", "compile_", is_flag=True, help="torch.compile the denoising networks."),
-        click.option("--steps", nargs=3, type=int, default=(25, 25, 7), show_default=True,
+        click.option("--steps", nargs=3, type=int, default=DEFAULT_STEPS, show_default=True,
                      help="prior decoder super-res"),
         click.option("--repeats", default=2, show_default=True, type=int),
         click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
@@ -337,10 +329,10 @@ def _check_device(device: str) -> None:
         raise click.UsageError("--device cuda: no CUDA GPU is visible to this process")
 
 
-def _print_result(result: dict, as_json: bool) -> None:
-    from jobs.bench import format_report
+def _print_result(results: dict, json_output: bool) -> None:
+    from jobs.bench import as_json, format_report
 
-    click.echo(json.dumps(result, indent=2) if as_json else format_report(result))
+    click.echo(json.dumps(as_json(results), indent=2) if json_output else format_report(results))
 
 
 @bench.command("all")
@@ -362,10 +354,10 @@ def bench_all_cmd(model, preset, random_weights, seed, device, dtype, fast, comp
                   sections) -> None:
     """The whole suite in one run: model vs diffusers, stages (images/s, FLOP utilisation), pipeline and data-plane
     efficiency, driver memory over 100k rows."""
-    from jobs.bench import bench_all
+    from jobs.bench import SECTIONS, bench_all
     from karlo_model import DTYPES
 
-    sections = tuple(sections) or ("model", "stages", "pipeline", "driver_memory")
+    sections = tuple(sections) or SECTIONS
     source = _source(model, preset, random_weights, seed)
     _check_device(device)
     if "model" in sections:
@@ -421,9 +413,9 @@ def bench_stages_cmd(model, preset, random_weights, seed, device, dtype, fast, c
 @click.option("--model", default=None, metavar="DIR", help="Local diffusers-format repo (default: the tiny model).")
 @click.option("--rows", default=64, show_default=True, type=int)
 @click.option("--batch-size", default=None, type=int, help="Every stage's batch size (default: the device's).")
-@click.option("--steps", nargs=3, type=int, default=(25, 25, 7), show_default=True, help="prior decoder super-res")
+@click.option("--steps", nargs=3, type=int, default=DEFAULT_STEPS, show_default=True, help="prior decoder super-res")
 @click.option("--data-plane-rows", default=20_000, show_default=True, type=int)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True)
 @click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True)
 @click.option("--repeats", default=2, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True)
@@ -449,7 +441,7 @@ def bench_driver_memory_cmd(rows, as_json) -> None:
 
 from jobs.k8s import launch_rayjob_cmd, render_k8s_cmd  # noqa: E402 - commands defined in their own modules
 from jobs.submit import jobs_group, submit_cmd  # noqa: E402
-from jobs.sweep import sweep_cmd  # noqa: E402
+from jobs.sweep.command import sweep_cmd  # noqa: E402
 
 main.add_command(submit_cmd)
 main.add_command(jobs_group)

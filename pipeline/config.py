@@ -27,8 +27,12 @@ DEVICES = ("cpu", "cuda")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 IMAGE_FORMATS = ("png", "jpeg", "webp")
 OUTPUT_FORMATS = ("webdataset", "parquet")
+# Sampling defaults of a run: the schedule and classifier-free guidance scales Karlo v1 alpha was released with.
+PRIOR_STEPS, DECODER_STEPS, SUPER_RES_STEPS = 25, 25, 7
+DEFAULT_STEPS = (PRIOR_STEPS, DECODER_STEPS, SUPER_RES_STEPS)  # prior, decoder, super-res
+PRIOR_GUIDANCE_SCALE, DECODER_GUIDANCE_SCALE = 4.0, 8.0
 
-# GPU shares follow each stage's compute per image (reference karlo.md §6: SR 61%, decoder 31%, prior 8%), so
+# GPU shares follow each stage's compute per image (docs/gpu.md: SR 61%, decoder 31%, prior 8%), so
 # one GPU shared by the pools spends its time where the work is. The image encoder of variations stands in for the
 # prior; a CLIP ViT-L/14 forward per image is under 0.1% of the generation, and its share keeps the sum at 1.
 GPU_SHARES = {"prior": 0.08, "image_encoder": 0.08, "decoder": 0.3, "super_res": 0.6, "clip_score": 0.02}
@@ -75,10 +79,10 @@ def default_stage(name: str, device: str, dtype: str) -> StageConfig:
                            dtype=dtype)
     # CPU: a fifth of a CPU and one torch thread per actor, so that the pools (CLIP scoring's included), the image
     # encoder, the read tasks and the writer fit on a 2-CPU machine without reserving every CPU (Ray Data then
-    # stalls, reference ray.md §6). The decoder and super-res pools hold one actor per core from the start, so that
-    # whichever stage has work gets every core: autoscaled, a pool idle while the other stage worked shrank, then
-    # ran the final batches on one core. The other stages' share of the work is small; their pools grow only if
-    # they fall behind.
+    # stalls: README.md, "Stages and resources"). The decoder and super-res pools hold one actor per core from the
+    # start, so that whichever stage has work gets every core: autoscaled, a pool idle while the other stage worked
+    # shrank, then ran the final batches on one core. The other stages' share of the work is small; their pools
+    # grow only if they fall behind.
     cores = max(1, os.cpu_count() or 1)
     return StageConfig(batch_size=4, min_actors=cores if name in ("decoder", "super_res") else 1, max_actors=cores,
                        device=device, dtype=dtype)
@@ -155,11 +159,11 @@ class RunConfig:
     output_url: str
     model: str | None = None  # None: the embedded tiny random model
     seed: int = 0
-    prior_steps: int = 25
-    decoder_steps: int = 25
-    super_res_steps: int = 7
-    prior_guidance_scale: float = 4.0
-    decoder_guidance_scale: float = 8.0
+    prior_steps: int = PRIOR_STEPS
+    decoder_steps: int = DECODER_STEPS
+    super_res_steps: int = SUPER_RES_STEPS
+    prior_guidance_scale: float = PRIOR_GUIDANCE_SCALE
+    decoder_guidance_scale: float = DECODER_GUIDANCE_SCALE
     image_format: str = "png"
     output_format: str = "webdataset"
     rows_per_shard: int = 1000
@@ -216,8 +220,8 @@ class RunConfig:
         return getattr(self, f"{stage}_steps")
 
     def output_settings(self) -> dict[str, Any]:
-        """Everything that changes the pixels of a row besides its prompt and seed (DESIGN §5), and which rows are
-        kept."""
+        """Everything that changes the pixels of a row besides its prompt and seed (README.md, "Determinism and
+        resuming"), and which rows are kept."""
         settings = {
             "seed": self.seed,
             "prior_steps": self.prior_steps,

@@ -7,25 +7,24 @@ already committed, or refuse because OUTPUT holds a run with other settings.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Callable
 
 from .config import ConfigError, RunConfig
 from .embedded import default_model
-from .manifest import MANIFEST, differences, identity_of_run, model_identity
-from .placement import PlacementError, layout
-from .reader import display_url, plan_inputs
+from .manifest import differences, identity_of_run, model_identity
+from .outputs import committed_keys, output_filesystem, read_manifest
+from .placement import PlacementError, format_layout, layout
+from .reader import plan_inputs
+from .redact import display_url
+from .run import check_resources, init_ray
 from .shared_paths import check_run_paths
-from .sinks import committed_keys, output_filesystem
 from .variations import check_model_kind, image_column_check
 
 
 def placement_plan(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
     """What ``karlo plan`` prints: the layout of ``cfg``'s stage actors on the cluster (reserved, then released),
     its ``error`` the refusal a run would meet, GPUs first, then the CPUs left for reading."""
-    from .run import check_resources, init_ray
-
     init_ray(echo)
     report = layout(cfg.stages, timeout=cfg.placement_timeout)
     if not report["error"]:
@@ -52,9 +51,8 @@ def dry_run(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
     check_run_paths(cfg, plan, probe_output=False)
 
     fs, root = output_filesystem(cfg.output_url, cfg.storage_options)
-    conflict: list[str] = []
-    if fs.exists(f"{root}/{MANIFEST}"):
-        conflict = differences(json.loads(fs.cat_file(f"{root}/{MANIFEST}")).get("identity", {}), identity)
+    previous = read_manifest(fs, root)
+    conflict = differences(previous.get("identity", {}), identity) if previous else []
     committed = 0 if conflict or not fs.exists(root) else len(committed_keys(cfg.output_url, cfg.storage_options))
     remaining = plan.total_rows - committed
     return {
@@ -78,8 +76,6 @@ def dry_run(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
 
 
 def format_dry_run(report: dict[str, Any]) -> str:
-    from .placement import format_layout
-
     inp, out = report["input"], report["output"]
     lines = [format_layout(report["placement"]),
              f"input {inp['url']}: {len(inp['files'])} file(s), {inp['rows']} rows"]

@@ -23,11 +23,8 @@ from karlo_model.fetch import cache_root, is_remote
 from karlo_model.weights import WeightsError, file_digest, load_torch_file, weight_file
 
 from .config import ConfigError
-from .reader import display_url
-from .redact import storage_error
+from .redact import display_url, storage_error
 
-MANIFEST = "manifest.json"
-SUCCESS = "_SUCCESS"
 PACKAGES = ("karlo-pipeline", "torch", "transformers", "ray", "pyarrow", "fsspec", "s3fs", "pillow", "numpy")
 
 
@@ -131,6 +128,12 @@ def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> l
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
+
+
+def identity_changes(manifest: dict[str, Any], identity: dict[str, Any]) -> str:
+    """What differs between the identity recorded in a run's ``manifest`` and ``identity``, for messages: the
+    first five differences, "; "-joined; empty when a run with ``identity`` continues that run."""
+    return "; ".join(differences(manifest.get("identity", {}), identity)[:5])
 
 
 def now() -> str:

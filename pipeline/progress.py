@@ -1,4 +1,4 @@
-"""A periodic one-line status of a running generation, and the summary table printed when it ends.
+"""A periodic one-line status of a running generation.
 
 The driver learns how far a run got from the shards' commit markers (``_commits/X.json``, each holding its
 row and error counts): a background thread lists that folder every ``interval`` seconds and reads only the
@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
-from .sinks import COMMITS_DIR, marker_names, output_filesystem
-
-if TYPE_CHECKING:
-    from .run import RunSummary
+from .outputs import marker_names, output_filesystem, read_markers
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +53,8 @@ def format_rate(per_second: float) -> str:
     return f"{per_second:.3f}"
 
 
-def _plural(n: int, word: str) -> str:
+def plural(n: int, word: str) -> str:
+    """``1 error``, ``1,234 errors``."""
     return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
@@ -110,7 +107,7 @@ class Progress:
             *([] if generated is None else [f"{min(self.total, self.baseline.done + generated):,} generated"]),
             f"{format_rate(self.images_per_second(tally, now))} img/s",
             "ETA " + ("--" if eta is None else format_duration(eta)),
-            _plural(tally.errors, "error"),
+            plural(tally.errors, "error"),
         ])
 
 
@@ -119,19 +116,16 @@ class MarkerTally:
 
     def __init__(self, output_url: str, storage_options: dict[str, Any] | None = None):
         self.fs, self.root = output_filesystem(output_url, storage_options)
-        self.folder = f"{self.root}/{COMMITS_DIR}"
         self.seen: set[str] = set()
         self.tally = Tally()
 
     def poll(self) -> Tally:
         new = sorted(set(marker_names(self.fs, self.root)) - self.seen)
-        if new:
-            # A marker is written atomically and never changes, so one read per name is enough.
-            for data in self.fs.cat([f"{self.folder}/{name}" for name in new]).values():
-                marker = json.loads(data)
-                # Rows below the minimum CLIP score were generated too: done, like written ones.
-                self.tally += Tally(marker["rows"] + marker.get("rejected", 0), marker["errors"])
-            self.seen.update(new)
+        # A marker is written atomically and never changes, so one read per name is enough.
+        for marker in read_markers(self.fs, self.root, new):
+            # Rows below the minimum CLIP score were generated too: done, like written ones.
+            self.tally += Tally(marker["rows"] + marker.get("rejected", 0), marker["errors"])
+        self.seen.update(new)
         return self.tally
 
 
@@ -181,30 +175,3 @@ def report_progress(output_url: str, storage_options: dict[str, Any] | None, *, 
         yield
     finally:
         reporter.stop()
-
-
-def format_summary(s: RunSummary) -> str:
-    """The table printed when a run ends: counts, speed, where the output is, and what to do if incomplete."""
-    status = "complete" if s.complete else "INCOMPLETE"
-    rows = [
-        ("rows read", f"{s.rows_in}"),
-        ("images written", f"{s.written}" + (f" ({s.resumed} from earlier attempts)" if s.resumed else "")),
-        ("error rows", f"{s.errors}" + ("  -> see errors/" if s.errors else "")),
-        *([("rejected rows", f"{s.rejected}  (below --min-clip-score) -> see rejected/")] if s.rejected else []),
-        ("shards", f"{s.shards}"),
-        ("images/s", f"{s.images_per_second:.2f} ({s.images_this_run} in {s.seconds:.1f} s{_after_start_up(s)})"),
-        ("time", format_duration(s.seconds)),
-        ("output", f"{s.output_url}  (images/, img_emb/, text_emb/, metadata/, manifest.json)"),
-    ]
-    rows += [("unreadable file", f"{source}: {reason}") for source, reason in s.bad_files]
-    lines = [f"{PREFIX} run {status}"] + [f"  {label:<16} {value}" for label, value in rows]
-    if not s.complete:
-        lines.append("  INCOMPLETE: rows are missing; rerun the same command to finish")
-    return "\n".join(lines)
-
-
-def _after_start_up(s: RunSummary) -> str:
-    rate = s.images_per_second_after_start_up
-    if rate is None:
-        return ""
-    return f"; {rate:.2f} after {s.start_up_seconds:.1f} s of start-up"

@@ -29,7 +29,7 @@ from ray.data.context import DataContext
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline import columns as C
-from pipeline.redact import storage_error
+from pipeline.redact import display_url, storage_error
 
 _MAGIC = b"PAR1"
 # One ranged GET usually covers a prompt table's whole footer; a longer footer costs a second GET.
@@ -201,11 +201,6 @@ def read_column(plan: InputPlan, name: str) -> list[tuple[str, list]]:
 
     with ThreadPoolExecutor(min(_FOOTER_THREADS, len(plan.files))) as pool:
         return [(f.source, column) for f, column in zip(plan.files, pool.map(values, plan.files))]
-
-
-def display_url(url: str) -> str:
-    """The URL without any user:password@ part, for messages."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1", url)
 
 
 def _excluded_prefix(fs: fsspec.AbstractFileSystem, exclude: str | None, storage_options: dict) -> str | None:

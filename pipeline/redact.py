@@ -42,11 +42,16 @@ def _secrets_in(options: Mapping[str, Any]) -> Iterator[str]:
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` without URL user info, the environment's secrets and ``secrets`` (e.g. from
     :func:`secret_values` of the run's storage options)."""
-    text = _URL_USERINFO.sub(r"\1", text)
+    text = display_url(text)
     # Longest first, so that a secret containing another is replaced whole.
     for value in sorted(secret_values() | set(secrets), key=len, reverse=True):
         text = text.replace(value, REDACTED)
     return text
+
+
+def display_url(url: str) -> str:
+    """``url`` (or any text) without the ``user:password@`` part of the URLs in it, for messages and records."""
+    return _URL_USERINFO.sub(r"\1", url)
 
 
 def storage_error(e: OSError, storage_options: Mapping[str, Any] | None = None) -> str:

@@ -22,7 +22,7 @@ from .actors import add_stage
 from .config import ConfigError, RunConfig
 from .embedded import EmbeddedModel, default_model
 from .encode import ENCODE_CPUS, add_encode
-from .manifest import MANIFEST, SUCCESS, differences, identity_of_run, model_identity, now, package_versions
+from .manifest import identity_changes, identity_of_run, model_identity, now, package_versions
 from .placement import placement_record, reserved
 from .progress import report_progress
 from .quiet import quiet_ray_data
@@ -33,25 +33,9 @@ from .scoring import check_tower, clip_model_for, reference_column
 from .shards import unwritable_columns
 from .shared_paths import check_run_paths
 from .variations import check_model_kind, image_column_check, prepare_images
-from .sinks import (
-    CLIP_EMB_DIR,
-    COMMITS_DIR,
-    ERRORS_DIR,
-    IMAGES_DIR,
-    IMG_EMB_DIR,
-    METADATA_DIR,
-    REJECTED_DIR,
-    TEXT_EMB_DIR,
-    KarloDatasink,
-    SinkResult,
-    check_writable,
-    committed_keys,
-    committed_shards,
-    damaged_sources,
-    output_filesystem,
-    remove_uncommitted,
-    write_json_atomic,
-)
+from .outputs import (MANIFEST, RUN_FOLDERS, SUCCESS, committed_keys, committed_shards, damaged_sources,
+                      output_filesystem)
+from .sinks import KarloDatasink, SinkResult, check_writable, remove_uncommitted, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +44,6 @@ logger = logging.getLogger(__name__)
 # actor pools already hold (leftover fractions of a CPU are not handed out), and a write task that needs a share
 # of a CPU then waits for the pools to finish: no shard is committed until the end. `concurrency` bounds them.
 WRITE_CPUS = 0
-RUN_FOLDERS = (IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR, METADATA_DIR, ERRORS_DIR, CLIP_EMB_DIR, REJECTED_DIR, COMMITS_DIR)
 
 
 class OutputError(RuntimeError):
@@ -176,12 +159,11 @@ def _open_output(cfg: RunConfig, identity: dict[str, Any]) -> tuple[Any, str, di
     previous = None
     if fs.exists(f"{root}/{MANIFEST}"):
         previous = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
-        diff = differences(previous.get("identity", {}), identity)
+        diff = identity_changes(previous, identity)
         if diff and not cfg.overwrite:
             raise OutputConflict(
-                f"{shown} already holds a run with different settings ("
-                + "; ".join(diff[:5])
-                + "). Use a fresh OUTPUT, or --overwrite to delete that run's files first."
+                f"{shown} already holds a run with different settings ({diff}). Use a fresh OUTPUT, or --overwrite "
+                "to delete that run's files first."
             )
         if diff:
             for folder in RUN_FOLDERS:

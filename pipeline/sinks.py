@@ -1,13 +1,4 @@
-"""Write generated rows as committed shards under one output URL, and read back what is committed.
-
-Layout under the output URL, per shard id X (16 hex chars, the same X in every folder so names sort alike):
-
-    images/X.tar | images/X.parquet      webdataset tar, or Parquet with a Hugging Face Image column
-    img_emb/img_emb_X.npy                (N, D) float16, row-aligned with metadata_X.parquet
-    text_emb/text_emb_X.npy              (N, D) float16, row-aligned with metadata_X.parquet
-    metadata/metadata_X.parquet          one row per good row: key, prompt, seed, settings, pass-through
-    errors/errors_X.parquet              one row per error row: key, source, prompt, stage, reason
-    _commits/X.json                      the commit marker, written last: a shard without it does not exist
+"""Write generated rows as committed shards under one output URL (the layout: :mod:`pipeline.outputs`).
 
 Every object appears whole or not at all: local files are written under a temporary name and renamed,
 other filesystems (S3, GCS) upload without committing until the writer finished. A Ray task retried after
@@ -21,23 +12,35 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import uuid
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 from fsspec.implementations.local import LocalFileSystem
 from ray.data import Datasink
 from ray.data.block import Block
 from ray.data.datasource.datasink import WriteResult
 
 from pipeline import columns as C
+from pipeline.config import OUTPUT_FORMATS
+from pipeline.outputs import (
+    CLIP_EMB_DIR,
+    COMMITS_DIR,
+    ERRORS_DIR,
+    IMAGES_DIR,
+    IMG_EMB_DIR,
+    METADATA_DIR,
+    REJECTED_DIR,
+    SHARD_FILE_NAMES,
+    TEXT_EMB_DIR,
+    list_names,
+    output_filesystem,
+    read_markers,
+)
 from pipeline.redact import redact
 from pipeline.rejected import rejected_table, split_rejected
-from pipeline.schema import READ
 from pipeline.shards import (
     IMAGE_EXTENSIONS,
     ShardRows,
@@ -60,13 +63,8 @@ __all__ = [
     "KarloDatasink",
     "SinkResult",
     "check_writable",
-    "committed_keys",
-    "committed_shards",
-    "damaged_sources",
     "encode_image",
-    "marker_names",
     "open_atomic",
-    "output_filesystem",
     "remove_uncommitted",
     "write_json_atomic",
 ]
@@ -75,35 +73,9 @@ logger = logging.getLogger(__name__)
 
 # output_format -> (extension, writer) of the images/ files.
 _IMAGE_WRITERS = {"webdataset": ("tar", write_webdataset), "parquet": ("parquet", write_image_parquet)}
-OUTPUT_FORMATS = tuple(_IMAGE_WRITERS)
-IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR = "images", "img_emb", "text_emb"
-METADATA_DIR, ERRORS_DIR, COMMITS_DIR = "metadata", "errors", "_commits"
-# With CLIP scoring (pipeline.scoring): the score tower's image embeddings, and rows below --min-clip-score.
-CLIP_EMB_DIR, REJECTED_DIR = "clip_img_emb", "rejected"
 # Temporary local names start with a dot and end in random hex, so no '*.parquet' / '*.npy' / '*.tar' glob
 # of a downstream reader (embedding-reader, datasets, pyarrow) ever picks one up.
 TEMP_PREFIX = ".tmp-"
-
-_ID = r"([0-9a-f]{16})"
-# Folder -> the name of a shard's file in it, with the shard id as group 1.
-_SHARD_FILE_NAMES = {
-    COMMITS_DIR: re.compile(_ID + r"\.json"),
-    IMAGES_DIR: re.compile(_ID + r"\.(?:tar|parquet)"),
-    IMG_EMB_DIR: re.compile(r"img_emb_" + _ID + r"\.npy"),
-    TEXT_EMB_DIR: re.compile(r"text_emb_" + _ID + r"\.npy"),
-    METADATA_DIR: re.compile(r"metadata_" + _ID + r"\.parquet"),
-    ERRORS_DIR: re.compile(r"errors_" + _ID + r"\.parquet"),
-    CLIP_EMB_DIR: re.compile(r"clip_img_emb_" + _ID + r"\.npy"),
-    REJECTED_DIR: re.compile(r"rejected_" + _ID + r"\.parquet"),
-}
-
-
-def output_filesystem(
-    output_url: str, storage_options: dict[str, Any] | None = None
-) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and root path (no trailing slash) for an output URL."""
-    fs, root = fsspec.core.url_to_fs(output_url, **(storage_options or {}))
-    return fs, root.rstrip("/")
 
 
 @contextlib.contextmanager
@@ -304,62 +276,6 @@ def _check_settings(settings: dict[str, Any]) -> None:
             raise TypeError(f"setting {name!r} must be a JSON-compatible scalar or list, got {value!r}") from e
 
 
-def _list_names(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
-    # Listings are cached per filesystem instance; other processes (the write tasks) changed the folder.
-    fs.invalidate_cache(folder)
-    try:
-        paths = fs.ls(folder, detail=False)
-    except FileNotFoundError:
-        return []
-    return [path.rstrip("/").rsplit("/", 1)[-1] for path in paths]
-
-
-def marker_names(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """Names of the commit markers in ``root/_commits`` as they are now (not cached)."""
-    is_marker = _SHARD_FILE_NAMES[COMMITS_DIR].fullmatch
-    return [name for name in _list_names(fs, f"{root}/{COMMITS_DIR}") if is_marker(name)]
-
-
-def _markers(fs: fsspec.AbstractFileSystem, root: str) -> list[dict[str, Any]]:
-    folder = f"{root}/{COMMITS_DIR}"
-    paths = [f"{folder}/{name}" for name in marker_names(fs, root)]
-    if not paths:
-        return []
-    markers = [json.loads(data) for data in fs.cat(paths).values()]
-    return sorted(markers, key=lambda marker: marker["shard"])
-
-
-def committed_shards(output_url: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The commit markers under ``output_url``, sorted by shard id."""
-    return _markers(*output_filesystem(output_url, storage_options))
-
-
-def committed_keys(output_url: str, storage_options: dict[str, Any] | None = None) -> set[str]:
-    """Keys of every committed row, good, error or rejected: the rows a resumed run must not write again."""
-    fs, root = output_filesystem(output_url, storage_options)
-    tables = (f"{METADATA_DIR}/", f"{ERRORS_DIR}/", f"{REJECTED_DIR}/")
-    paths = [f"{root}/{rel}" for m in _markers(fs, root) for rel in m["files"] if rel.startswith(tables)]
-    if not paths:
-        return set()
-    keys = pads.dataset(paths, format="parquet", filesystem=fs).to_table(columns=[C.KEY])
-    return set(keys.column(C.KEY).to_pylist())
-
-
-def damaged_sources(output_url: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
-    """(source, reason) of every input file with committed error rows whose data could not be decoded, named
-    beside the files the plan found unreadable."""
-    fs, root = output_filesystem(output_url, storage_options)
-    paths = [f"{root}/{rel}" for m in _markers(fs, root) for rel in m["files"] if rel.startswith(f"{ERRORS_DIR}/")]
-    if not paths:
-        return []
-    table = pads.dataset(paths, format="parquet", filesystem=fs).to_table(
-        columns=[C.SOURCE, C.ERROR], filter=pads.field(C.ERROR_STAGE) == READ)
-    first: dict[str, str] = {}
-    for source, error in zip(table.column(C.SOURCE).to_pylist(), table.column(C.ERROR).to_pylist()):
-        first.setdefault(source, error)
-    return sorted(first.items())
-
-
 def remove_uncommitted(output_url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Delete shard files without a commit marker and leftover temporary files; returns their relative paths.
 
@@ -367,15 +283,15 @@ def remove_uncommitted(output_url: str, storage_options: dict[str, Any] | None =
     no marker yet. Files whose names this sink never writes are left alone.
     """
     fs, root = output_filesystem(output_url, storage_options)
-    committed = {marker["shard"] for marker in _markers(fs, root)}
+    committed = {marker["shard"] for marker in read_markers(fs, root)}
     doomed = []
-    for folder, pattern in _SHARD_FILE_NAMES.items():
-        for name in _list_names(fs, f"{root}/{folder}"):
+    for folder, pattern in SHARD_FILE_NAMES.items():
+        for name in list_names(fs, f"{root}/{folder}"):
             match = pattern.fullmatch(name)
             if name.startswith(TEMP_PREFIX) or (match and match.group(1) not in committed):
                 doomed.append(f"{folder}/{name}")
     # Beside the folders: a manifest or write check left half-written by a process killed while writing it.
-    doomed += [name for name in _list_names(fs, root) if name.startswith(TEMP_PREFIX)]
+    doomed += [name for name in list_names(fs, root) if name.startswith(TEMP_PREFIX)]
     if doomed:
         fs.rm([f"{root}/{rel}" for rel in doomed])
         logger.info("removed %d uncommitted files under %s", len(doomed), redact(output_url))

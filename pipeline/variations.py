@@ -24,7 +24,8 @@ from karlo_model import VARIATIONS_PIPELINE
 
 from . import columns as C
 from .config import ConfigError
-from .reader import InputError, display_url
+from .reader import InputError
+from .redact import display_url
 from .schema import PREPARE, READ, Origin, prepare_batch
 from .stages import Batch, Stage, empty_first_stage_outputs, first_stage_outputs
 

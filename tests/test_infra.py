@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from jobs import k8s
 from jobs.cli import main
-from jobs.sweep import parse_spec, points
+from jobs.sweep.spec import parse_spec, points
 from pipeline.config import ConfigError, load_stage_config_file
 
 REPO = Path(__file__).resolve().parents[1]

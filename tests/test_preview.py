@@ -19,9 +19,12 @@ from PIL import Image
 
 from browser import Browser, find_chromium
 from jobs.cli import main
-from jobs.preview import SHEET_THUMB, read_output, write_preview
+from jobs.preview import write_preview
+from jobs.preview.read import read_output
+from jobs.preview.sheet import SHEET_THUMB
 from pipeline.shards import ShardRows
-from pipeline.sinks import KarloDatasink, output_filesystem, write_json_atomic
+from pipeline.outputs import output_filesystem
+from pipeline.sinks import KarloDatasink, write_json_atomic
 
 SETTINGS = {"model": "tiny-random", "prior_steps": 3, "decoder_steps": 3, "super_res_steps": 2}
 

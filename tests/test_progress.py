@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from jobs.run_report import format_summary
 from pipeline.progress import (
     MarkerTally,
     Progress,
@@ -17,7 +18,6 @@ from pipeline.progress import (
     Tally,
     format_duration,
     format_rate,
-    format_summary,
     report_progress,
 )
 from pipeline.run import RunSummary

@@ -18,7 +18,8 @@ from ray.data.extensions import ArrowTensorArray
 from pipeline import columns as C
 from pipeline import shards, sinks
 from pipeline.encode import encode_images
-from pipeline.sinks import KarloDatasink, committed_keys, committed_shards, remove_uncommitted
+from pipeline.outputs import committed_keys, committed_shards
+from pipeline.sinks import KarloDatasink, remove_uncommitted
 
 DIM = 8
 SIZE = 16

@@ -19,7 +19,9 @@ import yaml
 from click.testing import CliRunner
 
 from jobs.cli import main
-from jobs.sweep import expand_prompts, load_spec, markdown, parse_spec, points, summarize
+from jobs.sweep.runner import expand_prompts
+from jobs.sweep.spec import load_spec, parse_spec, points
+from jobs.sweep.summary import markdown, summarize
 from pipeline.config import ConfigError
 from pipeline_utils import PROMPTS, STEPS, file_states, read_output, write_table
 
@@ -127,6 +129,12 @@ def test_summary_reads_manifests_and_clip_scores(tmp_path):
     pq.write_table(pa.table({"key": ["a", "b"], "clip_score": [0.25, 0.35]}), done / "metadata" / "metadata_0.parquet")
     pq.write_table(pa.table({"key": ["c"], "clip_score": [None]}, schema=pa.schema(
         [("key", pa.string()), ("clip_score", pa.float64())])), done / "metadata" / "metadata_1.parquet")
+    # A shard whose writer died before its marker: not part of the run, its scores not in the mean.
+    pq.write_table(pa.table({"key": ["d"], "clip_score": [1.0]}), done / "metadata" / "metadata_2.parquet")
+    (done / "_commits").mkdir()  # the summary reads committed shards only
+    for i, rows in enumerate((2, 1)):
+        (done / "_commits" / f"{i:016x}.json").write_text(json.dumps(
+            {"shard": f"{i:016x}", "rows": rows, "errors": 0, "files": [f"metadata/metadata_{i}.parquet"], "bytes": 0}))
     (tmp_path / "sweep" / "seed1").mkdir()
     (tmp_path / "sweep" / "seed1" / "manifest.json").write_text(json.dumps({"input_rows": 4, "status": "running"}))
     table = summarize(s, grid, {"seed2": "conflict"})

@@ -1,0 +1,140 @@
+"""The self-contained HTML gallery of ``karlo preview``: thumbnails with prompt, seed, settings and score, the error
+and rejected rows; for a sweep, one row per prompt and one column per point.
+
+Thumbnails are embedded as data: URIs, so the page is one file that works from file:// and can be copied anywhere;
+a Content-Security-Policy allows nothing but inline styles and data: images (no scripts, no network), and every
+value from the data (prompts are user input) is escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from importlib import resources
+from string import Template
+from typing import Any
+
+from pipeline import columns as C
+from pipeline.progress import plural
+
+from .read import Listed, RunView, Sample, SweepView, as_text
+
+PAGE = "index.html"
+SHEET = "contact_sheet.png"  # the contact sheet beside the page, which links to it
+MAX_LISTED = 1000  # error and rejected rows listed per run; the counts are always complete
+# Shown on the card itself; every other metadata column goes under "details".
+_CARD_COLUMNS = (C.KEY, C.PROMPT, C.SEED, C.CLIP_SCORE, C.PRIOR_GUIDANCE_SCALE, C.DECODER_GUIDANCE_SCALE,
+                 C.NEGATIVE_PROMPT)
+
+
+
+
+def _e(value: Any) -> str:
+    return html.escape(as_text(value), quote=True)
+
+
+def format_number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else as_text(value)
+
+
+def _settings_list(settings: dict[str, Any]) -> str:
+    items = "".join(f"<li>{_e(k)}={_e(json.dumps(v) if isinstance(v, (dict, list)) else format_number(v))}</li>"
+                    for k, v in settings.items())
+    return f'<ul class="settings">{items}</ul>' if items else ""
+
+
+def _info(sample: Sample) -> str:
+    """seed, per-row guidance and score: the line under a thumbnail."""
+    row = sample.metadata
+    parts = [f"seed {_e(sample.seed)}"]
+    if row.get(C.PRIOR_GUIDANCE_SCALE) is not None or row.get(C.DECODER_GUIDANCE_SCALE) is not None:
+        parts.append(f"cfg {_e(format_number(row.get(C.PRIOR_GUIDANCE_SCALE)))}/"
+                     f"{_e(format_number(row.get(C.DECODER_GUIDANCE_SCALE)))}")
+    if row.get(C.NEGATIVE_PROMPT):
+        parts.append(f"neg: {_e(row[C.NEGATIVE_PROMPT])}")
+    if sample.score is not None:
+        parts.append(f'<span class="score">score {sample.score:.4f}</span>')
+    return f'<p class="info">{" · ".join(parts)}</p>'
+
+
+def _details(sample: Sample) -> str:
+    rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(format_number(v))}</dd>" for k, v in sample.metadata.items()
+                   if k not in _CARD_COLUMNS)
+    return f"<details><summary>{_e(sample.key)}</summary><dl>{rows}</dl></details>"
+
+
+def _img(sample: Sample) -> str:
+    w, h = sample.thumbnail.size
+    return f'<img src="{sample.jpeg_data_uri()}" width="{w}" height="{h}" alt="{_e(sample.prompt)}">'
+
+
+def _card(sample: Sample) -> str:
+    return (f"<figure>{_img(sample)}<figcaption><p class=\"prompt\">{_e(sample.prompt)}</p>{_info(sample)}"
+            f"{_details(sample)}</figcaption></figure>")
+
+
+def _listed_table(title: str, rows: list[Listed], total: int) -> str:
+    if not total:
+        return ""
+    shown = rows[:MAX_LISTED]
+    note = f'<p class="note">the first {len(shown)} in input order</p>' if len(shown) < total else ""
+    body = "".join(f"<tr><td><code>{_e(r.key)}</code></td><td>{_e(r.stage)}</td><td class=\"error\">{_e(r.reason)}"
+                   f"</td><td>{_e(r.prompt)}</td></tr>" for r in shown)
+    return (f"<section><h2>{_e(title)} ({total:,})</h2>{note}<table class=\"list\"><thead><tr><th>key</th>"
+            f"<th>stage</th><th>reason</th><th>prompt</th></tr></thead><tbody>{body}</tbody></table></section>")
+
+
+def _run_header(view: RunView, title: str) -> str:
+    m = view.manifest
+    counts = " · ".join([plural(view.written, "image"), plural(view.errors, "error row"), plural(view.shards, "shard"),
+                         f"{as_text(m.get('input_rows', '?'))} input rows", f"status {as_text(m.get('status', '?'))}"])
+    return f"<h1>{_e(title)}</h1><p class=\"meta\">{_e(counts)}</p>{_settings_list(view.settings)}"
+
+
+def render_run(view: RunView) -> str:
+    shown = f"the first {len(view.samples):,} of {view.written:,} images in input order"
+    body = [
+        "<header>", _run_header(view, view.url),
+        f'<p class="note">{_e(shown)} · <a href="{SHEET}">contact sheet</a></p></header>',
+        '<main class="grid">', *(_card(s) for s in view.samples.values()), "</main>",
+        _listed_table("Error rows", view.error_rows, view.errors),
+        _listed_table("Rejected rows", view.rejected, len(view.rejected)),
+    ]
+    return _page(view.url, "\n".join(body))
+
+
+def _cell(run: RunView | None, errors: dict[str, Listed], key: str) -> str:
+    if run is None:
+        return '<td><div class="missing">no run yet</div></td>'
+    sample = run.samples.get(key)
+    if sample is not None:
+        return f"<td>{_img(sample)}{_info(sample)}</td>"
+    error = errors.get(key)
+    text = f"error ({error.stage}): {error.reason}" if error else "not generated"
+    return f'<td><div class="missing">{_e(text)}</div></td>'
+
+
+def render_sweep(view: SweepView) -> str:
+    head = "".join(f"<th>{_e(p.name)}{_settings_list(p.settings)}</th>" for p in view.points)
+    errors = [{r.key: r for r in p.run.error_rows} if p.run else {} for p in view.points]
+    rows = "".join(f"<tr><th>{_e(view.prompts.get(key, ''))}<br><code>{_e(key)}</code></th>"
+                   + "".join(_cell(p.run, e, key) for p, e in zip(view.points, errors)) + "</tr>"
+                   for key in view.keys)
+    sections = []
+    for p in view.points:
+        if p.run is not None:
+            sections.append(_listed_table(f"{p.name}: error rows", p.run.error_rows, p.run.errors))
+            sections.append(_listed_table(f"{p.name}: rejected rows", p.run.rejected, len(p.run.rejected)))
+    shown = f"{len(view.points)} points · the first {len(view.keys):,} of {view.total_rows:,} prompts in input order"
+    body = [
+        f'<header><h1>{_e(view.url)}</h1><p class="note">{_e(shown)} · <a href="{SHEET}">contact sheet</a></p>'
+        "</header>",
+        f'<table class="sweep"><thead><tr><th>prompt</th>{head}</tr></thead><tbody>{rows}</tbody></table>',
+        *sections,
+    ]
+    return _page(view.url, "\n".join(body))
+
+
+def _page(title: str, body: str) -> str:
+    template = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
+    return Template(template).substitute(title=_e(f"karlo preview: {title}"), body=body)

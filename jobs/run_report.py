@@ -1,0 +1,38 @@
+"""The table ``karlo generate`` and ``karlo variations`` print when a run ends."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipeline.outputs import ERRORS_DIR, IMAGES_DIR, IMG_EMB_DIR, MANIFEST, METADATA_DIR, REJECTED_DIR, TEXT_EMB_DIR
+from pipeline.progress import PREFIX, format_duration
+
+if TYPE_CHECKING:  # annotations only: pipeline.run imports Ray, which the summary does not need
+    from pipeline.run import RunSummary
+
+
+def format_summary(s: RunSummary) -> str:
+    """The table printed when a run ends: counts, speed, where the output is, and what to do if incomplete."""
+    status = "complete" if s.complete else "INCOMPLETE"
+    rows = [
+        ("rows read", f"{s.rows_in}"),
+        ("images written", f"{s.written}" + (f" ({s.resumed} from earlier attempts)" if s.resumed else "")),
+        ("error rows", f"{s.errors}" + (f"  -> see {ERRORS_DIR}/" if s.errors else "")),
+        *([("rejected rows", f"{s.rejected}  (below --min-clip-score) -> see {REJECTED_DIR}/")] if s.rejected else []),
+        ("shards", f"{s.shards}"),
+        ("images/s", f"{s.images_per_second:.2f} ({s.images_this_run} in {s.seconds:.1f} s{_after_start_up(s)})"),
+        ("time", format_duration(s.seconds)),
+        ("output", f"{s.output_url}  ({IMAGES_DIR}/, {IMG_EMB_DIR}/, {TEXT_EMB_DIR}/, {METADATA_DIR}/, {MANIFEST})"),
+    ]
+    rows += [("unreadable file", f"{source}: {reason}") for source, reason in s.bad_files]
+    lines = [f"{PREFIX} run {status}"] + [f"  {label:<16} {value}" for label, value in rows]
+    if not s.complete:
+        lines.append("  INCOMPLETE: rows are missing; rerun the same command to finish")
+    return "\n".join(lines)
+
+
+def _after_start_up(s: RunSummary) -> str:
+    rate = s.images_per_second_after_start_up
+    if rate is None:
+        return ""
+    return f"; {rate:.2f} after {s.start_up_seconds:.1f} s of start-up"
