@@ -12,9 +12,22 @@ import click
 
 from jobs.exit_codes import EXIT_INTERRUPTED, EXIT_ROW_ERRORS
 from jobs.run_report import format_summary
-from pipeline.config import (ALL_STAGE_NAMES, DECODER_GUIDANCE_SCALE, DECODER_STEPS, DEFAULT_STEPS, DEVICES, DTYPE_NAMES,
-                             IMAGE_FORMATS, OUTPUT_FORMATS, PRIOR_GUIDANCE_SCALE, PRIOR_STEPS, SUPER_RES_STEPS,
-                             ConfigError, RunConfig, load_stage_config_file)
+from pipeline.config import (
+    ALL_STAGE_NAMES,
+    DECODER_GUIDANCE_SCALE,
+    DECODER_STEPS,
+    DEFAULT_STEPS,
+    DEVICES,
+    DTYPE_NAMES,
+    IMAGE_FORMATS,
+    OUTPUT_FORMATS,
+    PRIOR_GUIDANCE_SCALE,
+    PRIOR_STEPS,
+    SUPER_RES_STEPS,
+    ConfigError,
+    RunConfig,
+    load_stage_config_file,
+)
 from pipeline.redact import redact
 
 DEVICE_CHOICE, DTYPE_CHOICE = click.Choice(DEVICES), click.Choice(DTYPE_NAMES)
@@ -76,7 +89,8 @@ def _run_options(command):
 @click.argument("output_url")
 @click.option("--model", default=None, metavar="DIR|URL",
               help="Diffusers-format Karlo repo (folder or fsspec URL). Default: an embedded tiny random model.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Run seed; rows without a seed derive theirs from it.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Run seed; rows without a seed derive theirs from it.")
 @click.option("--prior-steps", default=PRIOR_STEPS, show_default=True, type=int)
 @click.option("--decoder-steps", default=DECODER_STEPS, show_default=True, type=int)
 @click.option("--super-res-steps", default=SUPER_RES_STEPS, show_default=True, type=int)

@@ -31,7 +31,6 @@ from .text import TextEncoding
 from .text_proj import TextProjection
 from .unet import UNet
 
-
 # The networks a Karlo may hold, by repo component name; each is an attribute, None when not loaded.
 NETWORKS = ("text_encoder", "image_encoder", "prior", "text_proj", "decoder", "super_res_first", "super_res_last")
 _Net = TypeVar("_Net")
@@ -318,7 +317,8 @@ class Karlo:
         """(H, W, 3) uint8 RGB images of any sizes -> (B, D) CLIP image embeddings (projected, not normalised),
         preprocessed as the repo's feature extractor does."""
         if self.config.feature_extractor is None:
-            raise RuntimeError("this model has no image encoder (image variations need karlo-v1-alpha-image-variations)")
+            raise RuntimeError(
+                "this model has no image encoder (image variations need karlo-v1-alpha-image-variations)")
         encoder = _loaded(self.image_encoder, "image_encoder")
         return clip_vision.encode(encoder, self.config.feature_extractor, images, self.device, self.dtype)
 

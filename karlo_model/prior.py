@@ -1,4 +1,5 @@
-"""The diffusion prior: a causal transformer that predicts a CLIP image embedding from the text (reference §2.2).
+"""The diffusion prior: a causal transformer that predicts a CLIP image embedding from the text (diffusers'
+``PriorTransformer``, ``models/transformers/prior_transformer.py``).
 
 Module names follow diffusers' ``PriorTransformer`` so the hub safetensors load with strict=True.
 """
@@ -81,7 +82,8 @@ class PriorTransformer(nn.Module):
         )
         self.norm_out = nn.LayerNorm(w)
         self.proj_to_clip_embeddings = nn.Linear(w, d)
-        # CLIP image-embedding statistics: the prior works in normalised space (reference §2.2 step 6).
+        # CLIP image-embedding statistics: the prior works in normalised space, which
+        # ``PriorTransformer.post_process_latents`` in diffusers undoes the same way.
         self.clip_mean = nn.Parameter(torch.zeros(1, d))
         self.clip_std = nn.Parameter(torch.ones(1, d))
 

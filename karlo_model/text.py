@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 MAX_LENGTH = 77
-PAD_TOKEN = "!"  # Karlo pads with id 0, which is "!" in CLIP's byte-level vocabulary (reference §1.8)
+# Karlo pads with id 0, which is "!" in CLIP's byte-level vocabulary (the pad token of kakaobrain/karlo-v1-alpha's
+# tokenizer/special_tokens_map.json on the hub).
+PAD_TOKEN = "!"
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Text/image conditioning of the decoder (reference §2.3, diffusers ``UnCLIPTextProjModel`` key names)."""
+"""Text/image conditioning of the decoder: diffusers' ``UnCLIPTextProjModel``
+(``pipelines/deprecated/unclip/text_proj.py``), with its key names."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ class TextProjection(nn.Module):
         additive = self.clip_image_embeddings_project_to_time_embeddings(image_embeds) + self.embedding_proj(
             text_embeds
         )
-        # Channel-first layout of the extra tokens: token j, channel c = x[c * extra + j] (reference §2.3 step 3).
+        # Channel-first layout of the extra tokens: token j, channel c = x[c * extra + j], as
+        # ``UnCLIPTextProjModel.forward`` reshapes them.
         extra = self.clip_extra_context_tokens_proj(image_embeds)  # (N, C * extra)
         extra = extra.reshape(n, -1, self.cfg.clip_extra_context_tokens).permute(0, 2, 1)  # (N, extra, C)
         text = self.text_encoder_hidden_states_norm(self.encoder_hidden_states_proj(text_hidden))  # (N, 77, C)

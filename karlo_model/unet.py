@@ -1,4 +1,5 @@
-"""UNet of the 64 px decoder and of the two 64->256 super-resolution networks (reference §2.4, §2.5).
+"""UNet of the 64 px decoder and of the two 64->256 super-resolution networks: diffusers' ``UNet2DConditionModel``
+and ``UNet2DModel`` as the hub's ``decoder``, ``super_res_first`` and ``super_res_last`` configs build them.
 
 One skeleton serves both: resnet blocks (optionally scale-shift conditioned, optionally up/down sampling
 inside the block) and added-KV cross-attention on the levels that have it. Module names follow diffusers'

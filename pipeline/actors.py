@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +20,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from . import columns as C
 from . import crashes, embedded
-from .config import STAGE_NAMES, RunConfig, StageConfig
+from .config import STAGE_NAMES, ConfigError, RunConfig, StageConfig
 from .placement import Reservation, map_batches_args, per_actor_scheduling
 
 # Where each stage's class lives: an actor imports only its own stage's module, so that a decoder actor does not
@@ -38,6 +39,24 @@ def stage_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
+def stage_inputs(name: str, reference: str) -> tuple[str, ...]:
+    """The columns stage ``name`` reads; the CLIP score stage's include its ``reference`` embedding column."""
+    return (C.KEY, C.IMAGE, reference) if name == "clip_score" else stage_class(name).inputs
+
+
+def check_stage_columns(stages: Iterable[str], prepared: Iterable[str], reference: str) -> None:
+    """Refuse, before any work, stages in an order where one reads a column that neither prepare
+    (``prepared``) nor an earlier stage makes: at run time that would be a bare KeyError in every batch."""
+    have = set(prepared)
+    for name in stages:
+        missing = [c for c in stage_inputs(name, reference) if c not in have]
+        if missing:
+            raise ConfigError(f"the {name} stage reads {', '.join(missing)}, which no step before it makes "
+                              f"(stages in order: {', '.join(stages)})")
+        cls = stage_class(name)
+        have = (have - set(cls.consumes)) | set(cls.outputs)
+
+
 class StageActor:
     """One actor of a stage's pool: loads the stage's model components once, then maps batches."""
 
@@ -49,6 +68,9 @@ class StageActor:
         crash_ledger.placed.remote(self.stage_name, ray.get_runtime_context().get_node_id(),
                                    [int(i) for i in ray.get_gpu_ids()], os.getpid())
         self.stage = stage_class(self.stage_name)(**{**kwargs, "model": embedded.resolve(kwargs["model"])})
+        made = set(self.stage.empty(0)) - {C.ERROR, C.ERROR_STAGE}
+        if made != set(self.stage.outputs):  # a stage whose outputs and declaration differ is a bug: fail early
+            raise TypeError(f"{self.stage_name} stage makes {sorted(made)}, declares {sorted(self.stage.outputs)}")
         self.columns = sorted(set(self.stage.inputs) | {C.ERROR, C.ERROR_STAGE})
         self.crash_ledger = crash_ledger
 

@@ -6,7 +6,7 @@ error rows. Rows that failed validation or a stage keep flowing with ``error`` s
 rows in == rows written + error rows holds without a second pass over the input.
 """
 
-# Input columns we interpret (DESIGN §3 + per-row generation settings). Everything else passes through.
+# Input columns we interpret (README.md, "Generating": the input table). Everything else passes through.
 PROMPT = "prompt"
 ID = "id"
 SEED = "seed"

@@ -1,10 +1,11 @@
 """A row that crashes a stage's worker process becomes an error row instead of crashing it forever.
 
 Ray Data restarts a map actor that dies (a segfault in native code, the out-of-memory killer, ``kill -9``) and
-retries its batch, without limit: actor pools run with ``max_restarts=-1`` and ``max_task_retries=-1``
-(reference ray.md §3.1). That recovers from a transient crash, but a row that crashes the process every time
-would be retried forever and the run would never end. A small ledger actor, owned by the driver, counts for
-each row the attempts that died while the row was being computed:
+retries its batch, without limit: actor pools run with ``max_restarts=-1`` and ``max_task_retries=-1`` (the
+defaults in Ray Data's ``ray/data/_internal/execution/operators/actor_pool_map_operator.py``). That recovers from a
+transient crash, but a row that crashes the process every time would be retried forever and the run would never
+end. A small ledger actor, owned by the driver, counts for each row the attempts that died while the row was
+being computed:
 
 - a batch none of whose rows died before runs as usual;
 - a batch holding a row that died before runs one row at a time, so that the crash is pinned on its row;

@@ -36,7 +36,7 @@ def encode_images(table: pa.Table, *, image_format: str) -> pa.Table:
     return table.set_column(index, pa.field(C.IMAGE, pa.large_binary()), pa.array(encoded, pa.large_binary()))
 
 
-class ImageEncoder:
+class ImageFileEncoder:
     """One encoder actor (Ray Data calls it on each block)."""
 
     def __init__(self, image_format: str):
@@ -48,5 +48,5 @@ class ImageEncoder:
 
 def add_encode(ds: Dataset, image_format: str, max_actors: int) -> Dataset:
     """Append the encode step: an actor pool of 1 to ``max_actors`` encoders."""
-    return ds.map_batches(ImageEncoder, fn_constructor_args=(image_format,), batch_format="pyarrow",
+    return ds.map_batches(ImageFileEncoder, fn_constructor_args=(image_format,), batch_format="pyarrow",
                           compute=ActorPoolStrategy(min_size=1, max_size=max_actors), num_cpus=ENCODE_CPUS)

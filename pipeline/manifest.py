@@ -7,6 +7,7 @@ asks to overwrite.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ import platform
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import fsspec
 from safetensors import SafetensorError, safe_open
@@ -26,6 +27,28 @@ from .config import ConfigError
 from .redact import display_url, storage_error
 
 PACKAGES = ("karlo-pipeline", "torch", "transformers", "ray", "pyarrow", "fsspec", "s3fs", "pillow", "numpy")
+
+
+def new_manifest(identity: dict[str, Any], previous: dict[str, Any] | None, *, input_rows: int,
+                 bad_files: Iterable[tuple[str, str]], stages: dict[str, Any], rows_per_shard: int,
+                 placement: dict[str, Any] | None, clip_score: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest an attempt writes when it starts; ``previous`` is the manifest of the same run's earlier
+    attempts (its start time and attempt count carry over). The attempt's end adds status, counts and timings."""
+    manifest: dict[str, Any] = {
+        "identity": identity,
+        "status": "running",
+        "started": (previous or {}).get("started", now()),
+        "attempts": (previous or {}).get("attempts", 0) + 1,
+        "input_rows": input_rows,
+        "bad_files": [list(b) for b in bad_files],
+        "stages": {name: dataclasses.asdict(s) for name, s in stages.items()},
+        "rows_per_shard": rows_per_shard,
+        "packages": package_versions(),
+        "placement": placement,
+    }
+    if clip_score is not None:
+        manifest["clip_score"] = clip_score
+    return manifest
 
 
 def package_versions() -> dict[str, str]:

@@ -169,9 +169,8 @@ def reserve(stages: Mapping[str, StageConfig], *, timeout: float = 0.0,
         if have < packing.gpus:
             raise PlacementError(shortfall_message(packing, stages, have))
         raise PlacementError(
-            f"could not reserve {_gpus(packing.gpus)} with {max(packing.cpus):g} CPUs beside each on their nodes within "
-            f"{wait:g} s: other work holds them, or no node has the CPUs a GPU's actors "
-            "need (see `karlo plan`)")
+            f"could not reserve {_gpus(packing.gpus)} with {max(packing.cpus):g} CPUs beside each on their nodes "
+            f"within {wait:g} s: other work holds them, or no node has the CPUs a GPU's actors need (see `karlo plan`)")
     return Reservation(packing, group)
 
 

@@ -6,11 +6,10 @@ read -> prepare (validate, key, seed; drop rows already committed) -> prior -> d
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import pyarrow as pa
@@ -18,12 +17,22 @@ import ray
 
 from . import columns as C
 from . import crashes
-from .actors import add_stage
+from .actors import add_stage, check_stage_columns
 from .config import ConfigError, RunConfig
 from .embedded import EmbeddedModel, default_model
 from .encode import ENCODE_CPUS, add_encode
-from .manifest import identity_changes, identity_of_run, model_identity, now, package_versions
-from .placement import placement_record, reserved
+from .manifest import identity_changes, identity_of_run, model_identity, new_manifest, now
+from .outputs import (
+    MANIFEST,
+    RUN_FOLDERS,
+    SUCCESS,
+    committed_keys,
+    committed_shards,
+    damaged_sources,
+    output_filesystem,
+    read_manifest,
+)
+from .placement import Reservation, placement_record, reserved
 from .progress import report_progress
 from .quiet import quiet_ray_data
 from .reader import InputError, InputPlan, display_url, plan_inputs, read_column, read_prompts
@@ -32,10 +41,9 @@ from .schema import find_duplicates, prepare_and_skip
 from .scoring import check_tower, clip_model_for, reference_column
 from .shards import unwritable_columns
 from .shared_paths import check_run_paths
-from .variations import check_model_kind, image_column_check, prepare_images
-from .outputs import (MANIFEST, RUN_FOLDERS, SUCCESS, committed_keys, committed_shards, damaged_sources,
-                      output_filesystem)
 from .sinks import KarloDatasink, SinkResult, check_writable, remove_uncommitted, write_json_atomic
+from .tasks import Task, task_of
+from .variations import check_model_kind
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +52,7 @@ logger = logging.getLogger(__name__)
 # actor pools already hold (leftover fractions of a CPU are not handed out), and a write task that needs a share
 # of a CPU then waits for the pools to finish: no shard is committed until the end. `concurrency` bounds them.
 WRITE_CPUS = 0
+PREPARE_CPUS = 0.25  # the prepare step (and column drops) beside actor pools that hold most CPUs
 
 
 class OutputError(RuntimeError):
@@ -147,56 +156,58 @@ def check_resources(cfg: RunConfig) -> None:
         )
 
 
-def _open_output(cfg: RunConfig, identity: dict[str, Any]) -> tuple[Any, str, dict[str, Any] | None]:
-    fs, root = output_filesystem(cfg.output_url, cfg.storage_options)
-    shown = display_url(cfg.output_url)
-    try:
-        fs.makedirs(root, exist_ok=True)
-        check_writable(fs, root)
-    except OSError as e:
-        reason = storage_error(e, cfg.storage_options)
-        raise OutputError(f"cannot write to the output folder {shown}: {reason}") from None
-    previous = None
-    if fs.exists(f"{root}/{MANIFEST}"):
-        previous = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
-        diff = identity_changes(previous, identity)
-        if diff and not cfg.overwrite:
-            raise OutputConflict(
-                f"{shown} already holds a run with different settings ({diff}). Use a fresh OUTPUT, or --overwrite "
-                "to delete that run's files first."
-            )
-        if diff:
-            for folder in RUN_FOLDERS:
-                if fs.exists(f"{root}/{folder}"):
-                    fs.rm(f"{root}/{folder}", recursive=True)
-            for name in (MANIFEST, SUCCESS):
-                if fs.exists(f"{root}/{name}"):
-                    fs.rm(f"{root}/{name}")
-            previous = None
-    return fs, root, previous
+@dataclass(frozen=True)
+class RunPlan:
+    """A run checked on the driver, before Ray starts or OUTPUT is touched: its input, model and identity."""
+
+    cfg: RunConfig
+    task: Task
+    input: InputPlan
+    model: str  # the Karlo repo as the driver reads it (for the embedded default: the driver's copy)
+    model_ref: str | EmbeddedModel  # what the stage actors load: each node builds its own embedded default
+    model_id: dict[str, Any]
+    identity: dict[str, Any]  # what a rerun into the same OUTPUT must match to resume
+    clip_ref: str | EmbeddedModel | None = None  # the CLIP score stage's vision tower
+    clip_record: dict[str, Any] | None = None  # what the manifest says of the scores
 
 
-def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_interval: float = 0.0) -> RunSummary:
-    """Generate every uncommitted row of ``cfg``; with ``progress_interval`` > 0, ``echo`` a status line that often."""
-    started = time.time()
-    variations = cfg.task == "variations"
-    plan: InputPlan = plan_inputs(cfg.input_url, cfg.storage_options, cfg.rows_per_read_task,
-                                  check_columns=image_column_check(cfg.image_column) if variations else None,
-                                  exclude=cfg.output_url)
+def plan_run(cfg: RunConfig) -> RunPlan:
+    """Check the input (footers only), the model and the CLIP tower; raise what the user must fix (exit 2)."""
+    task = task_of(cfg)
+    plan = plan_inputs(cfg.input_url, cfg.storage_options, cfg.rows_per_read_task, check_columns=task.check_columns,
+                       exclude=cfg.output_url)
     unwritable = unwritable_columns(plan.schema)
     if unwritable:
         raise InputError(f"{plan.url}: columns the metadata files cannot hold: {'; '.join(unwritable)}; drop or "
                          "convert them")
-    # The stage actors get the embedded default as such: each node builds its own copy (pipeline.embedded).
-    model_ref = cfg.model or EmbeddedModel(variations)
-    model = cfg.model or default_model(variations)
+    check_stage_columns(cfg.stages, task.prepared, reference_column(cfg))
+    model = cfg.model or task.embedded.path()
     model_id = model_identity(model, cfg.storage_options)
     check_model_kind(cfg.task, model_id)
-    identity = identity_of_run(cfg.input_url, model_id, cfg.output_settings())
+    clip_ref = clip_record = None
     if cfg.clip_score:
         clip_model = clip_model_for(cfg, model, default_model(variations=True) if cfg.model is None else None)
-        clip_info = check_tower(clip_model, model, cfg.storage_options)
+        clip_record = {**check_tower(clip_model, model, cfg.storage_options), "reference": reference_column(cfg),
+                       "min": cfg.min_clip_score}
         clip_ref = EmbeddedModel(variations=True) if cfg.model is None and cfg.clip_model is None else clip_model
+    return RunPlan(cfg, task, plan, model, cfg.model or task.embedded, model_id,
+                   identity_of_run(cfg.input_url, model_id, cfg.output_settings()), clip_ref, clip_record)
+
+
+def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_interval: float = 0.0) -> RunSummary:
+    """Generate every uncommitted row of ``cfg``; with ``progress_interval`` > 0, ``echo`` a status line that often.
+
+    plan (driver only) -> an OUTPUT holding another run is refused, a finished one answered, both without Ray ->
+    Ray, the GPUs reserved, every node able to see local paths -> OUTPUT opened, its uncommitted files removed, the
+    manifest written -> the dataset built and written (:func:`execute`) -> the rows accounted for, the manifest
+    closed.
+    """
+    started = time.time()
+    p = plan_run(cfg)
+    fs, root = output_filesystem(cfg.output_url, cfg.storage_options)
+    previous = _previous_run(cfg, fs, root, p.identity)
+    if previous is not None and len(committed_keys(cfg.output_url, cfg.storage_options)) >= p.input.total_rows:
+        return _attempt(p, fs, root, started, echo, reservation=None)  # every row committed: nothing needs Ray
     # Before OUTPUT is touched: a run that cannot be placed must not leave a manifest that refuses the fixed rerun.
     try:
         init_ray(echo)
@@ -205,118 +216,139 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
         raise RayStartError(f"Ray failed to start: {type(e).__name__}: {first_line}") from e
     with reserved(cfg.stages, timeout=cfg.placement_timeout, echo=echo) as reservation:
         check_resources(cfg)
-        check_run_paths(cfg, plan)
-        fs, root, previous = _open_output(cfg, identity)
+        check_run_paths(cfg, p.input)
+        return _attempt(p, fs, root, started, echo, reservation, progress_interval)
 
-        removed = remove_uncommitted(cfg.output_url, cfg.storage_options)
-        if removed:
-            echo(f"removed {len(removed)} uncommitted file(s) left by an interrupted run")
-        done = committed_keys(cfg.output_url, cfg.storage_options)
-        if done:
-            echo(f"resuming: {len(done)} of {plan.total_rows} rows are already committed")
 
-        manifest: dict[str, Any] = {
-            "identity": identity,
-            "status": "running",
-            "started": (previous or {}).get("started", now()),
-            "attempts": (previous or {}).get("attempts", 0) + 1,
-            "input_rows": plan.total_rows,
-            "bad_files": [list(b) for b in plan.bad_files],
-            "stages": {n: asdict(s) for n, s in cfg.stages.items()},
-            "rows_per_shard": cfg.rows_per_shard,
-            "packages": package_versions(),
-            "placement": placement_record(reservation),
-        }
-        if cfg.clip_score:
-            manifest["clip_score"] = {**clip_info, "reference": reference_column(cfg), "min": cfg.min_clip_score}
-        write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
-        if fs.exists(f"{root}/{SUCCESS}"):
-            fs.rm(f"{root}/{SUCCESS}")
-
-        sink = KarloDatasink(
-            cfg.output_url,
-            storage_options=cfg.storage_options,
-            image_format=cfg.image_format,
-            output_format=cfg.output_format,
-            rows_per_shard=cfg.rows_per_shard,
-            settings={
-                "model": model_id["model"],
-                **({} if variations else {"prior_steps": cfg.prior_steps}),
-                "decoder_steps": cfg.decoder_steps,
-                "super_res_steps": cfg.super_res_steps,
-            },
-            min_clip_score=cfg.min_clip_score,
+def _previous_run(cfg: RunConfig, fs: Any, root: str, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of the run OUTPUT holds, if it is this run (same input, model and settings); another run is
+    refused (OutputConflict) unless ``cfg.overwrite``. Reads only."""
+    try:
+        previous = read_manifest(fs, root)
+    except OSError as e:  # a folder the run cannot read is one it cannot write to either: one message for both
+        raise OutputError(f"cannot write to the output folder {display_url(cfg.output_url)}: "
+                          f"{storage_error(e, cfg.storage_options)}") from None
+    if previous is None:
+        return None
+    diff = identity_changes(previous, identity)
+    if diff and not cfg.overwrite:
+        raise OutputConflict(
+            f"{display_url(cfg.output_url)} already holds a run with different settings ({diff}). Use a fresh "
+            "OUTPUT, or --overwrite to delete that run's files first."
         )
-        remaining = plan.total_rows - len(done)
-        first_batch = None
-        if remaining > 0:
-            duplicates = find_duplicates(read_column(plan, C.ID)) if C.ID in plan.schema.names else {}
-            ds = read_prompts(plan)
-            ds = ds.map_batches(
-                prepare_and_skip,
-                batch_format="pyarrow",
-                num_cpus=0.25,
-                fn_kwargs=dict(
-                    done=pa.array(sorted(done), pa.string()),
-                    run_seed=cfg.seed,
-                    decoder_guidance_scale=float(cfg.decoder_guidance_scale),
-                    duplicates=duplicates,
-                    **(dict(prepare=prepare_images, image_column=cfg.image_column, storage_options=cfg.storage_options)
-                       if variations else dict(prior_guidance_scale=float(cfg.prior_guidance_scale))),
-                ),
-            )
-            ledger = crashes.new_ledger()
-            for name in cfg.stages:
-                ds = add_stage(ds, name, cfg.stages[name], cfg, clip_ref if name == "clip_score" else model_ref, ledger,
-                               reservation)
-            if variations:  # the decoder's guidance switch (always 1: no prior) is not a setting of the outputs
-                ds = ds.drop_columns([C.PRIOR_GUIDANCE_SCALE], num_cpus=0.25)
-            # A write task assembles the encoded files of a shard and uploads them: light CPU work, mostly waiting on
-            # storage. At most one per CPU, and as many encoders.
-            writers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-            ds = add_encode(ds, cfg.image_format, max_actors=writers)
-            # Rows past the last model stage, for the progress line.
-            last_stage = list(cfg.stages)[-1]
-            with report_progress(cfg.output_url, cfg.storage_options, total=plan.total_rows,
-                                 interval=progress_interval, write=echo,
-                                 generated=lambda: ray.get(ledger.finished_rows.remote(last_stage), timeout=30)):
-                ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS}, concurrency=writers)
-            first_batch = _first_batch_began(ledger)
-            manifest["actors"] = _actor_placements(ledger)
-        this_run = sink.result or SinkResult(0, 0, 0, 0)
+    return None if diff else previous
 
-        markers = committed_shards(cfg.output_url, cfg.storage_options)
-        total = SinkResult.from_markers(markers)
-        summary = RunSummary(
-            output_url=display_url(cfg.output_url),
-            rows_in=plan.total_rows,
-            written=total.rows,
-            errors=total.errors,
-            resumed=len(done),
-            shards=total.shards,
-            # Files whose footers parse but some data pages do not: their rows are error rows, the files named too.
-            bad_files=[*plan.bad_files, *damaged_sources(cfg.output_url, cfg.storage_options)],
-            seconds=time.time() - started,
-            images_this_run=this_run.rows,
-            rejected=total.rejected,
-            start_up_seconds=None if first_batch is None else max(0.0, first_batch - started),
-        )
-        manifest.update(
-            status="complete" if summary.complete else "incomplete",
-            bad_files=[list(b) for b in summary.bad_files],
-            finished=now(),
-            counts={"input_rows": summary.rows_in, "written": summary.written, "errors": summary.errors,
-                    "rejected": summary.rejected, "shards": summary.shards},
-            last_attempt={"seconds": round(summary.seconds, 3), "images": summary.images_this_run,
-                          "errors": this_run.errors, "rejected": this_run.rejected,
-                          "images_per_second": round(summary.images_per_second, 4),
-                          "start_up_seconds": _rounded(summary.start_up_seconds, 3),
-                          "images_per_second_after_start_up": _rounded(summary.images_per_second_after_start_up, 4)},
-        )
-        write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
-        if summary.complete:
-            write_json_atomic(fs, f"{root}/{SUCCESS}", {"finished": manifest["finished"]})
-        return summary
+
+def _open_output(cfg: RunConfig, fs: Any, root: str, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """Make OUTPUT ready to write: created and checked writable, and with ``--overwrite`` another run's files
+    deleted; returns this run's previous manifest, if any."""
+    try:
+        fs.makedirs(root, exist_ok=True)
+        check_writable(fs, root)
+    except OSError as e:
+        reason = storage_error(e, cfg.storage_options)
+        raise OutputError(f"cannot write to the output folder {display_url(cfg.output_url)}: {reason}") from None
+    previous = _previous_run(cfg, fs, root, identity)
+    if previous is None and read_manifest(fs, root) is not None:  # another run's, and --overwrite
+        for folder in RUN_FOLDERS:
+            if fs.exists(f"{root}/{folder}"):
+                fs.rm(f"{root}/{folder}", recursive=True)
+        for name in (MANIFEST, SUCCESS):
+            if fs.exists(f"{root}/{name}"):
+                fs.rm(f"{root}/{name}")
+    return previous
+
+
+def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str], None],
+             reservation: Reservation | None, progress_interval: float = 0.0) -> RunSummary:
+    """One attempt at the rows not yet committed: OUTPUT opened, the dataset executed if rows remain, the
+    summary and the closed manifest."""
+    cfg = p.cfg
+    previous = _open_output(cfg, fs, root, p.identity)
+    removed = remove_uncommitted(cfg.output_url, cfg.storage_options)
+    if removed:
+        echo(f"removed {len(removed)} uncommitted file(s) left by an interrupted run")
+    done = committed_keys(cfg.output_url, cfg.storage_options)
+    if done:
+        echo(f"resuming: {len(done)} of {p.input.total_rows} rows are already committed")
+    manifest = new_manifest(p.identity, previous, input_rows=p.input.total_rows, bad_files=p.input.bad_files,
+                            stages=cfg.stages, rows_per_shard=cfg.rows_per_shard,
+                            placement=placement_record(reservation), clip_score=p.clip_record)
+    write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
+    if fs.exists(f"{root}/{SUCCESS}"):
+        fs.rm(f"{root}/{SUCCESS}")
+
+    sink = KarloDatasink(cfg.output_url, storage_options=cfg.storage_options, image_format=cfg.image_format,
+                         output_format=cfg.output_format, rows_per_shard=cfg.rows_per_shard,
+                         settings={"model": p.model_id["model"], **p.task.row_settings},
+                         min_clip_score=cfg.min_clip_score)
+    first_batch = None
+    if p.input.total_rows > len(done):
+        first_batch, manifest["actors"] = execute(p, done, sink, reservation, echo, progress_interval)
+    this_run = sink.result or SinkResult(0, 0, 0, 0)
+
+    total = SinkResult.from_markers(committed_shards(cfg.output_url, cfg.storage_options))
+    summary = RunSummary(
+        output_url=display_url(cfg.output_url),
+        rows_in=p.input.total_rows,
+        written=total.rows,
+        errors=total.errors,
+        resumed=len(done),
+        shards=total.shards,
+        # Files whose footers parse but some data pages do not: their rows are error rows, the files named too.
+        bad_files=[*p.input.bad_files, *damaged_sources(cfg.output_url, cfg.storage_options)],
+        seconds=time.time() - started,
+        images_this_run=this_run.rows,
+        rejected=total.rejected,
+        start_up_seconds=None if first_batch is None else max(0.0, first_batch - started),
+    )
+    _close_manifest(manifest, summary, this_run)
+    write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
+    if summary.complete:
+        write_json_atomic(fs, f"{root}/{SUCCESS}", {"finished": manifest["finished"]})
+    return summary
+
+
+def execute(p: RunPlan, done: set[str], sink: KarloDatasink, reservation: Reservation | None,
+            echo: Callable[[str], None], progress_interval: float) -> tuple[float | None, list[dict[str, Any]]]:
+    """read -> prepare (keys, seeds, validation; rows in ``done`` dropped) -> the model stages -> encode ->
+    write, streamed by Ray Data; returns when the first batch began (None if unknown) and where the stage actors
+    ran."""
+    cfg = p.cfg
+    duplicates = find_duplicates(read_column(p.input, C.ID)) if C.ID in p.input.schema.names else {}
+    ds = read_prompts(p.input)
+    ds = ds.map_batches(prepare_and_skip, batch_format="pyarrow", num_cpus=PREPARE_CPUS,
+                        fn_kwargs=dict(done=pa.array(sorted(done), pa.string()), duplicates=duplicates,
+                                       prepare=p.task.prepare, **p.task.prepare_settings))
+    ledger = crashes.new_ledger()
+    for name, stage in cfg.stages.items():
+        ds = add_stage(ds, name, stage, cfg, p.clip_ref if name == "clip_score" else p.model_ref, ledger, reservation)
+    if p.task.drop:
+        ds = ds.drop_columns(list(p.task.drop), num_cpus=PREPARE_CPUS)
+    # A write task assembles the encoded files of a shard and uploads them: light CPU work, mostly waiting on
+    # storage. At most one per CPU, and as many encoders.
+    writers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    ds = add_encode(ds, cfg.image_format, max_actors=writers)
+    last_stage = list(cfg.stages)[-1]  # rows past it, for the progress line
+    with report_progress(cfg.output_url, cfg.storage_options, total=p.input.total_rows, interval=progress_interval,
+                         write=echo, generated=lambda: ray.get(ledger.finished_rows.remote(last_stage), timeout=30)):
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS}, concurrency=writers)
+    return _first_batch_began(ledger), _actor_placements(ledger)
+
+
+def _close_manifest(manifest: dict[str, Any], summary: RunSummary, this_run: SinkResult) -> None:
+    manifest.update(
+        status="complete" if summary.complete else "incomplete",
+        bad_files=[list(b) for b in summary.bad_files],
+        finished=now(),
+        counts={"input_rows": summary.rows_in, "written": summary.written, "errors": summary.errors,
+                "rejected": summary.rejected, "shards": summary.shards},
+        last_attempt={"seconds": round(summary.seconds, 3), "images": summary.images_this_run,
+                      "errors": this_run.errors, "rejected": this_run.rejected,
+                      "images_per_second": round(summary.images_per_second, 4),
+                      "start_up_seconds": _rounded(summary.start_up_seconds, 3),
+                      "images_per_second_after_start_up": _rounded(summary.images_per_second_after_start_up, 4)},
+    )
 
 
 def _first_batch_began(ledger: ray.actor.ActorHandle) -> float | None:

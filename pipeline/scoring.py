@@ -84,6 +84,7 @@ class ClipScoreStage(Stage):
 
     name = "clip_score"
     components = ()
+    outputs = (C.CLIP_IMAGE_EMB, C.CLIP_SCORE)
 
     def __init__(self, model: str, *, reference: str, **kwargs: Any):
         self.reference = reference  # the column holding each row's CLIP text embedding

@@ -1,9 +1,10 @@
 """The model stages as plain callables on a dict of numpy arrays (one Ray Data batch).
 
 Each stage loads the model components it needs once, in ``__init__``, and declares the columns it reads
-(``inputs``) and the hand-off columns it consumes (``consumes``); its output dict holds the columns it adds
-or replaces. Rows already marked as errors pass through with zero-filled outputs. If a batch raises, its
-rows are retried one at a time, and a row that still fails becomes an error row naming the stage and the
+(``inputs``), the columns it adds or replaces (``outputs``: its output dict holds exactly these) and the hand-off
+columns it consumes (``consumes``). Rows already marked as errors pass through with zero-filled outputs. If a
+batch raises, its rows are retried one at a time, and a row that still fails becomes an error row naming the stage
+and the
 exception: one bad row never takes its batch, its actor or the run down.
 """
 
@@ -26,12 +27,16 @@ logger = logging.getLogger(__name__)
 SCALES = (C.PRIOR_GUIDANCE_SCALE, C.DECODER_GUIDANCE_SCALE)
 Batch = dict[str, np.ndarray]
 RNG_STATE_BYTES = torch.Generator().get_state().numel()  # width of the hand-over column of generator states
+# What the first stage (the prior, or the image encoder of variations) hands the decoder.
+FIRST_STAGE_OUTPUTS = (C.TEXT_EMB, C.IMAGE_EMB, C.TEXT_HIDDEN, C.TEXT_MASK, C.NEG_TEXT_EMB, C.NEG_TEXT_HIDDEN,
+                       C.NEG_TEXT_MASK, C.RNG_STATE)
 
 
 class Stage:
     name: str
     components: tuple[str, ...]  # Karlo stages to load
     inputs: tuple[str, ...]
+    outputs: tuple[str, ...]  # the columns it adds or replaces (besides error and error_stage)
     consumes: tuple[str, ...] = ()
     secrets: frozenset[str] = frozenset()  # of the storage options, kept out of error texts
 
@@ -146,6 +151,7 @@ class PriorStage(Stage):
     name = "prior"
     components = ("prior",)
     inputs = (C.KEY, C.PROMPT, C.SEED, C.NEGATIVE_PROMPT) + SCALES
+    outputs = (*FIRST_STAGE_OUTPUTS, C.PROMPT_TRUNCATED)
 
     def run(self, batch: Batch) -> Batch:
         r = self.model.prior_stage(
@@ -198,6 +204,7 @@ class DecoderStage(Stage):
     components = ("decoder",)
     inputs = (C.KEY, C.IMAGE_EMB, C.TEXT_EMB, C.TEXT_HIDDEN, C.TEXT_MASK, C.NEG_TEXT_EMB, C.NEG_TEXT_HIDDEN,
               C.NEG_TEXT_MASK, C.RNG_STATE) + SCALES
+    outputs = (C.IMAGE_64, C.RNG_STATE)
     consumes = (C.TEXT_HIDDEN, C.TEXT_MASK, C.NEG_TEXT_EMB, C.NEG_TEXT_HIDDEN, C.NEG_TEXT_MASK)
 
     def run(self, batch: Batch) -> Batch:
@@ -226,6 +233,7 @@ class SuperResStage(Stage):
     name = "super_res"
     components = ("super_res",)
     inputs = (C.KEY, C.SEED, C.IMAGE_64, C.RNG_STATE)
+    outputs = (C.IMAGE,)
     consumes = (C.IMAGE_64, C.RNG_STATE)
 
     def run(self, batch: Batch) -> Batch:

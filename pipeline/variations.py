@@ -27,7 +27,7 @@ from .config import ConfigError
 from .reader import InputError
 from .redact import display_url
 from .schema import PREPARE, READ, Origin, prepare_batch
-from .stages import Batch, Stage, empty_first_stage_outputs, first_stage_outputs
+from .stages import FIRST_STAGE_OUTPUTS, Batch, Stage, empty_first_stage_outputs, first_stage_outputs
 
 # Input columns that mean something for prompts but would be silently ignored or overwritten for images.
 REFUSED_COLUMNS = (C.PROMPT, C.NEGATIVE_PROMPT, C.PRIOR_GUIDANCE_SCALE)
@@ -171,6 +171,7 @@ class ImageEncoderStage(Stage):
     name = "image_encoder"
     components = ("image_encoder",)
     inputs = (C.KEY, C.SEED, C.SOURCE_IMAGE)
+    outputs = FIRST_STAGE_OUTPUTS
     consumes = (C.SOURCE_IMAGE,)
 
     def run(self, batch: Batch) -> Batch:

@@ -2,6 +2,7 @@
 # Set up a virtual environment in .venv (once) and run a project task in it.
 #   bash scripts/dev.sh demo   generate images for examples/prompts.parquet into out/demo with the tiny model
 #   bash scripts/dev.sh test   run the test suite
+#   bash scripts/dev.sh lint   ruff: lint rules and import order (pyproject.toml)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +29,10 @@ case "${1:-}" in
     setup
     "$VENV/bin/karlo" generate examples/prompts.parquet out/demo "${@:2}"
     ;;
+  lint)
+    setup
+    "$VENV/bin/ruff" check .
+    ;;
   test)
     setup
     set +e
@@ -39,7 +44,7 @@ case "${1:-}" in
     exit "$rc"
     ;;
   *)
-    echo "usage: bash scripts/dev.sh demo|test [args...]" >&2
+    echo "usage: bash scripts/dev.sh demo|test|lint [args...]" >&2
     exit 2
     ;;
 esac

@@ -105,9 +105,9 @@ def generated_run(tmp_path_factory, ray_local, tiny_model) -> GeneratedRun:
     """`karlo generate` of six prompts (one empty, so one error row) through the CLI, one row per shard and a
     status line every half second: a real run for the progress and preview tests."""
     from click.testing import CliRunner
+    from pipeline_utils import PROMPTS, STEPS, write_table
 
     from jobs.cli import main
-    from pipeline_utils import PROMPTS, STEPS, write_table
 
     tmp = tmp_path_factory.mktemp("generated")
     prompts = PROMPTS[:3] + [""] + PROMPTS[3:5]

@@ -23,6 +23,7 @@ from karlo_model.config import KarloConfig, UNetConfig
 from karlo_model.presets import preset
 from karlo_model.text import write_clip_vocabulary
 
+
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
     """One intra-op thread while a module runs: tiny networks gain nothing from more, and on a busy 2-core
@@ -33,7 +34,7 @@ def single_thread():
     torch.set_num_threads(before)
 
 
-# Karlo's three scheduler configs, reference/karlo.md §1.9.
+# Karlo's three scheduler configs, as in the hub repo's prior_scheduler, decoder_scheduler and super_res_scheduler.
 KARLO_SCHEDULERS = {
     "prior_scheduler": dict(variance_type="fixed_small_log", prediction_type="sample", clip_sample=True,
                             clip_sample_range=5.0, num_train_timesteps=1000),
@@ -43,7 +44,7 @@ KARLO_SCHEDULERS = {
                                 clip_sample_range=1.0, num_train_timesteps=1000),
 }
 
-# Karlo's block layout (reference §1.4, §1.6); only the sizes come from our presets.
+# Karlo's block layout (the hub's decoder and super_res configs); only the sizes come from our presets.
 _DECODER_DOWN = ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D")
 _DECODER_UP = ("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D")
 
@@ -146,7 +147,7 @@ def save_pipeline(preset_name: str, seed: int, work_dir: Path) -> Path:
 
 def load_pipeline(repo: Path) -> UnCLIPPipeline:
     """Load a saved UnCLIPPipeline component by component (diffusers 0.42's ``from_pretrained`` cannot resolve
-    the text_proj entry of model_index.json, reference §10)."""
+    the text_proj entry of model_index.json)."""
     r = str(repo)
     pipe = UnCLIPPipeline(
         prior=PriorTransformer.from_pretrained(r, subfolder="prior"),

@@ -22,12 +22,12 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
-
-from jobs.cli import main
-from pipeline.schema import SEED_LIMIT
 from pipeline_utils import PROMPTS, Payload, read_output, write_table
 from processes import FEW_STEPS
 from s3_proxy import FaultyS3Proxy
+
+from jobs.cli import main
+from pipeline.schema import SEED_LIMIT
 
 # 80 words: more than CLIP's 77 tokens.
 LONG_PROMPT = " ".join(["a very detailed painting of a quiet harbour"] * 10)
@@ -134,7 +134,7 @@ def test_ids_spelled_like_the_keys_of_other_rows(tmp_path, ray_local, tiny_model
     ids = [None, derive_key("t.parquet", 0), "a b", key_from_id("a b"), "dup", "dup"]
     table = write_table(tmp_path / "in" / "t.parquet", id=pa.array(ids, pa.string()), prompt=PROMPTS[: len(ids)])
     out = tmp_path / "out"
-    for attempt in range(2):
+    for _ in range(2):
         result = karlo(str(table), str(out), "--model", tiny_model, *FEW_STEPS, "--rows-per-shard", "1")
         assert result.exit_code == 3, result.output
         assert "Traceback" not in result.output
@@ -196,9 +196,10 @@ def test_guidance_values_that_are_not_finite_numbers_one_row_per_block(tmp_path,
     """NaN, infinite and negative guidance scales are error rows on the first run, whatever the order of the rows
     and however they fall into blocks: one row per read task, batch and shard, so some blocks hold only error
     rows, some only nulls in the guidance columns."""
+    from processes import ONE_ROW_STAGES
+
     from pipeline.config import ALL_STAGE_NAMES, RunConfig, load_stage_config_file
     from pipeline.run import run
-    from processes import ONE_ROW_STAGES
 
     nan, inf = float("nan"), float("inf")
     prior = [nan, inf, -1.0, None, 4.0, None, -inf, 2.0]

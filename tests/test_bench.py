@@ -33,7 +33,7 @@ def model(tiny_model) -> Karlo:
 
 
 def test_flop_counts_of_the_full_size_networks_match_the_reference():
-    """reference/karlo.md §6: prior and decoder forward on the guidance pair, SR forward on one image, in GFLOP."""
+    """The published full-size architecture counts (docs/gpu.md): prior and decoder forward on the guidance pair, SR forward on one image, in GFLOP."""
     bench._count_cpu_attention()
     cfg = preset("karlo-v1-alpha")
     with torch.device("meta"):

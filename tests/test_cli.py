@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from pipeline_utils import read_output, write_table
 
 from jobs.cli import main
-from pipeline_utils import read_output, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "prompts.parquet"
@@ -63,6 +63,18 @@ def test_generate_example_with_the_console_script(tmp_path, tiny_model):
     assert (out / "_SUCCESS").is_file() and result.manifest["counts"]["written"] == 8
     assert result.manifest["identity"]["model"]["model"] == tiny_model
     assert len(list((out / "images").glob("*.tar"))) >= 1
+
+    # A rerun of the finished run, and one with other settings, are answered from OUTPUT alone: with RAY_ADDRESS
+    # naming no cluster, starting Ray would fail.
+    no_ray = {**env, "RAY_ADDRESS": "127.0.0.1:9"}
+    again = subprocess.run([str(karlo_bin), "generate", str(EXAMPLE), str(out), *FEW_STEPS], env=no_ray, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-5000:]
+    assert "resuming: 8 of 8 rows are already committed" in again.stderr and "images written   8" in again.stdout
+    refused = subprocess.run([str(karlo_bin), "generate", str(EXAMPLE), str(out), *FEW_STEPS, "--seed", "5"],
+                             env=no_ray, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "already holds a run with different settings" in refused.stderr, \
+        refused.stderr[-5000:]
 
 
 def test_missing_input(tmp_path):

@@ -18,8 +18,8 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionCo
 
 from karlo_model import make_tiny_model
 from karlo_model.clip_vision import preprocess, tiny_vision_config
-from karlo_model.config import ImageProcessorConfig
 from karlo_model.config import ConfigError as ModelConfigError
+from karlo_model.config import ImageProcessorConfig
 from pipeline import columns as C
 from pipeline.config import ConfigError, RunConfig, StageConfig
 from pipeline.run import run
@@ -39,7 +39,7 @@ def _images() -> list[np.ndarray]:
 
 
 def test_preprocess_equals_clip_image_processor():
-    processor = CLIPImageProcessor()  # the reference feature extractor's configuration (reference §1.10)
+    processor = CLIPImageProcessor()  # the reference feature extractor's configuration (the hub's karlo-v1-alpha-image-variations feature_extractor/preprocessor_config.json)
     cfg = ImageProcessorConfig.from_dict(processor.to_dict())
     assert cfg == ImageProcessorConfig()
     images = _images()

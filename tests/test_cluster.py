@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from pipeline_utils import PROMPTS, read_output, write_table
 from ray_cluster import can_hide_folders, local_cluster
 

@@ -212,7 +212,7 @@ def test_unknown_stage_name():
 def test_output_settings_hold_what_changes_pixels():
     a, b = run_config(), run_config(decoder_guidance_scale=5.0)
     assert a.output_settings() != b.output_settings()
-    # Resources do not change a row's image (DESIGN §5): batch size and actors stay out of the identity.
+    # Resources do not change a row's image (README.md: a row's image depends on its prompt, seed, settings and model): batch size and actors stay out of the identity.
     c = run_config(stages={n: StageConfig(batch_size=1, min_actors=1, max_actors=3) for n in STAGE_NAMES})
     assert c.output_settings() == a.output_settings()
     assert run_config(rows_per_shard=10).output_settings() == a.output_settings()

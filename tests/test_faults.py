@@ -13,10 +13,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from pipeline import columns as C
-from pipeline import crashes, faults
-from pipeline.crashes import MAX_DEATHS
 from pipeline_utils import PROMPTS, file_states, read_output, reference, write_table
 from processes import (
     FEW_STEPS,
@@ -29,6 +25,10 @@ from processes import (
     wait_until,
 )
 from s3_proxy import FaultyS3Proxy
+
+from pipeline import columns as C
+from pipeline import crashes, faults
+from pipeline.crashes import MAX_DEATHS
 
 N = 8
 IDS = [f"row-{i:02d}" for i in range(N)]

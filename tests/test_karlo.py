@@ -315,7 +315,7 @@ def test_make_tiny_model_is_deterministic(repo, tmp_path):
 def test_make_tiny_model_writes_the_hub_model_index(repo, model):
     index = json.loads((repo / "model_index.json").read_text())
     assert index["_class_name"] == "UnCLIPPipeline"
-    # reference §1.2: text_proj is a pipeline-local module on the hub
+    # The hub's model_index.json names text_proj as a pipeline-local module
     expected = {
         "decoder": ["diffusers", "UNet2DConditionModel"], "decoder_scheduler": ["diffusers", "UnCLIPScheduler"],
         "prior": ["diffusers", "PriorTransformer"], "prior_scheduler": ["diffusers", "UnCLIPScheduler"],

@@ -118,7 +118,7 @@ def test_tokenizer_matches_diffusers(ref: Reference):
 
 def test_tokenizer_uses_clip_vocabulary_and_karlo_padding(ref: Reference):
     ids, mask, _ = tokenize(ref.karlo.tokenizer, ["a photo of a cat", ""])
-    # CLIP BPE ids: <|startoftext|> a photo of a cat <|endoftext|>, then pad "!" = 0 (reference §1.8).
+    # CLIP BPE ids: <|startoftext|> a photo of a cat <|endoftext|>, then pad "!" = 0 (the hub tokenizer's pad token).
     assert ids[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, 0]
     assert ids[0, 7:].eq(0).all()
     assert ids[1, :3].tolist() == [49406, 49407, 0]

@@ -13,10 +13,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-
-from jobs.cli import EXIT_ROW_ERRORS, main
-from pipeline.config import STAGE_NAMES, RunConfig, StageConfig
-from pipeline.run import OutputConflict, run
 from pipeline_utils import (
     PROMPTS,
     STEPS,
@@ -28,6 +24,10 @@ from pipeline_utils import (
     reference,
     write_table,
 )
+
+from jobs.cli import EXIT_ROW_ERRORS, main
+from pipeline.config import STAGE_NAMES, RunConfig, StageConfig
+from pipeline.run import OutputConflict, run
 
 pytestmark = pytest.mark.slow
 

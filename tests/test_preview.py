@@ -14,16 +14,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from browser import Browser, find_chromium
 from click.testing import CliRunner
 from PIL import Image
 
-from browser import Browser, find_chromium
 from jobs.cli import main
 from jobs.preview import write_preview
 from jobs.preview.read import read_output
 from jobs.preview.sheet import SHEET_THUMB
-from pipeline.shards import ShardRows
 from pipeline.outputs import output_filesystem
+from pipeline.shards import ShardRows
 from pipeline.sinks import KarloDatasink, write_json_atomic
 
 SETTINGS = {"model": "tiny-random", "prior_steps": 3, "decoder_steps": 3, "super_res_steps": 2}

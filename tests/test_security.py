@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pipeline_utils import PROMPTS, write_table
+from processes import FEW_STEPS, karlo_env, run_generate
 
 from pipeline import columns as C
 from pipeline.redact import REDACTED, redact, secret_values, storage_error
 from pipeline.stages import PriorStage
-from pipeline_utils import PROMPTS, write_table
-from processes import FEW_STEPS, karlo_env, run_generate
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 TOKEN = "FwoGZXIvYXdzEXAMPLE-session-token-0123456789"

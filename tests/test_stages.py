@@ -7,10 +7,10 @@ import sys
 
 import numpy as np
 import pytest
+from pipeline_utils import PROMPTS, STEPS, assert_batch_independent
 
 from pipeline import columns as C
 from pipeline.stages import DecoderStage, PriorStage, SuperResStage
-from pipeline_utils import PROMPTS, STEPS, assert_batch_independent
 
 SEEDS = [11, 22, 33, 44]
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from pipeline_utils import PROMPTS, read_output, write_table
+from ray_cluster import free_ports, worker_port_range
 
 from jobs.cli import main
 from jobs.submit import PACKAGES, entrypoint, runtime_env
-from pipeline_utils import PROMPTS, read_output, write_table
-from ray_cluster import free_ports, worker_port_range
 
 KARLO = str(Path(sys.executable).with_name("karlo"))
 FEW_STEPS = ["--prior-steps", "3", "--decoder-steps", "3", "--super-res-steps", "2"]

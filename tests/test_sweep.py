@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from click.testing import CliRunner
+from pipeline_utils import PROMPTS, STEPS, file_states, read_output, write_table
 
 from jobs.cli import main
 from jobs.sweep.runner import expand_prompts
 from jobs.sweep.spec import load_spec, parse_spec, points
 from jobs.sweep.summary import markdown, summarize
 from pipeline.config import ConfigError
-from pipeline_utils import PROMPTS, STEPS, file_states, read_output, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 

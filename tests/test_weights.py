@@ -89,7 +89,7 @@ def test_model_index_of_another_pipeline(repo):
 
 @pytest.mark.parametrize("library", ["unclip", "diffusers"])
 def test_both_text_proj_spellings_load(repo, library):
-    """The hub says ["unclip", ...] (reference §1.2); diffusers' save_pretrained writes ["diffusers", ...]."""
+    """The hub says ["unclip", ...] (its model_index.json); diffusers' save_pretrained writes ["diffusers", ...]."""
     edit_json(repo / "model_index.json", text_proj=[library, "UnCLIPTextProjModel"])
     assert "text_proj" in Karlo.from_pretrained(repo).modules
 
@@ -110,7 +110,7 @@ def test_missing_config_file(repo, rel):
 
 
 def test_super_res_last_with_null_sample_size_loads(repo):
-    """The hub's super_res_last/config.json has "sample_size": null (reference §1.6)."""
+    """The hub's super_res_last/config.json has "sample_size": null."""
     edit_json(repo / "super_res_last" / "config.json", sample_size=None)
     model = Karlo.from_pretrained(repo)
     assert model.config.super_res_last.sample_size is None
@@ -256,8 +256,8 @@ def test_bin_that_is_not_a_pytorch_file(repo):
 
 
 def test_plain_bin_state_dicts_load(repo, base_repo):
-    """Every component as pickle .bin, as on the hub's image-variations repo (reference §1.10); the text encoder
-    file carries transformers' position_ids buffer (int64), as the hub files do (reference §7.12)."""
+    """Every component as pickle .bin, as on the hub's image-variations repo; the text encoder
+    file carries transformers' position_ids buffer (int64), as the hub files do."""
     for component, name in WEIGHTS.items():
         state = load_file(str(repo / component / name))
         (repo / component / name).unlink()
@@ -316,7 +316,7 @@ def test_unknown_stage(repo):
 
 
 def _upload(local: Path, fs, root: str, *, with_bin: bool) -> None:
-    """The repo's files, plus a .bin twin of every safetensors (the hub has both formats, reference §1.1)."""
+    """The repo's files, plus a .bin twin of every safetensors (the hub repo has both formats)."""
     for path in sorted(local.rglob("*")):
         if path.is_file():
             rel = path.relative_to(local).as_posix()

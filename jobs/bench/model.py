@@ -39,7 +39,7 @@ class ModelSource:
 def diffusers_pipeline(model: Karlo, dtype: torch.dtype):
     """diffusers' UnCLIPPipeline holding copies of ``model``'s weights, on its device in ``dtype``. Built from the
     in-memory model, so a full-size random model needs no checkpoint on disk."""
-    from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel, UnCLIPScheduler
+    from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
     from diffusers.pipelines.deprecated.unclip import UnCLIPPipeline
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
@@ -144,13 +144,13 @@ def bench_model(
     for b in batch_sizes:
         texts, seeds = prompts(b), list(range(b))
 
-        def run_ours() -> int:
+        def run_ours(texts=texts, seeds=seeds, b=b) -> int:
             ours.generate(texts, seeds, prior_steps=prior_steps, decoder_steps=decoder_steps,
                           super_res_steps=sr_steps)
             sync(ours.device)
             return b
 
-        def run_theirs() -> int:
+        def run_theirs(texts=texts, seeds=seeds, b=b) -> int:
             with torch.no_grad():
                 theirs(texts, generator=[torch.Generator().manual_seed(s) for s in seeds],
                        prior_num_inference_steps=prior_steps, decoder_num_inference_steps=decoder_steps,

@@ -19,13 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from karlo_model import Karlo
+from karlo_model import DTYPES, Karlo
 from pipeline import columns as C
 from pipeline.config import DEFAULT_STEPS, RunConfig, StageConfig, parse_stage_configs
 from pipeline.outputs import COMMITS_DIR
 from pipeline.run import RunSummary, init_ray, run
 from pipeline.sinks import encode_image
-from karlo_model import DTYPES
 
 from .common import STAGES, ReportRow, Result, mean_rate, prompts, rate, sync
 from .stages import calls_at, stage_rates

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.config import DEFAULT_STEPS
 from karlo_model import DTYPES
+from pipeline.config import DEFAULT_STEPS
 
 from .common import Result
 from .driver_memory import bench_driver_memory

@@ -201,7 +201,8 @@ class RunReader:
 
     def error_rows(self) -> list[Listed]:
         """Every committed error row, in input order."""
-        tables = self._map(lambda path: read_columns(self.fs, path, ERROR_COLUMNS), self.committed.files(ERRORS_DIR).values())
+        tables = self._map(lambda path: read_columns(self.fs, path, ERROR_COLUMNS),
+                           self.committed.files(ERRORS_DIR).values())
         rows = sorted((row for table in tables for row in table.to_pylist()), key=_input_order)
         return [Listed(row[C.KEY], row.get(C.PROMPT), as_text(row.get(C.ERROR_STAGE)), as_text(row.get(C.ERROR)))
                 for row in rows]
@@ -209,7 +210,8 @@ class RunReader:
     def rejected(self) -> list[Listed]:
         """Rows of committed shards filtered out for a low CLIP score (their rejected/ files), in input order."""
         wanted = (C.KEY, C.PROMPT, C.SOURCE, C.SOURCE_ROW, C.CLIP_SCORE)  # not the images and embeddings they also hold
-        tables = self._map(lambda path: read_columns(self.fs, path, wanted), self.committed.files(REJECTED_DIR).values())
+        tables = self._map(lambda path: read_columns(self.fs, path, wanted),
+                           self.committed.files(REJECTED_DIR).values())
         rows = sorted((row for table in tables for row in table.to_pylist()), key=_input_order)
         return [Listed(row[C.KEY], row.get(C.PROMPT), "clip score", _score_text(row.get(C.CLIP_SCORE))) for row in rows]
 

@@ -1,0 +1,65 @@
+"""What differs between the two kinds of run: ``generate`` (prompt tables) and ``variations`` (image tables).
+
+Everything else (reading, keys and seeds, the decoder and super-res stages, encoding, writing, resuming) is the
+same code for both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from . import columns as C
+from .config import RunConfig
+from .embedded import EmbeddedModel
+from .schema import prepare_batch
+from .variations import image_column_check, prepare_images
+
+# Every row after prepare: the reader's source columns, the prompt (or "" for an image), and prepare's own.
+PREPARED = (C.SOURCE, C.SOURCE_ROW, C.PROMPT, C.KEY, C.SEED, C.NEGATIVE_PROMPT, C.PRIOR_GUIDANCE_SCALE,
+            C.DECODER_GUIDANCE_SCALE, C.ERROR, C.ERROR_STAGE)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    # The reader's per-file column check (None: the prompt-table rules).
+    check_columns: Callable[[pa.Schema, str, str], None] | None
+    prepare: Callable[..., pa.Table]  # a reader batch -> keys, seeds, settings and error columns
+    prepare_settings: dict[str, Any]
+    prepared: tuple[str, ...]  # the columns each row has after prepare, for the stages to read
+    embedded: EmbeddedModel  # the model without --model
+    # Sampling settings every metadata row records (the row's own guidance scales are columns of their own).
+    row_settings: dict[str, Any]
+    # Columns the stages need but the outputs do not hold.
+    drop: tuple[str, ...] = field(default=())
+
+
+def task_of(cfg: RunConfig) -> Task:
+    steps = {"decoder_steps": cfg.decoder_steps, "super_res_steps": cfg.super_res_steps}
+    if cfg.task == "variations":
+        return Task(
+            name="variations",
+            check_columns=image_column_check(cfg.image_column),
+            prepare=prepare_images,
+            prepare_settings=dict(run_seed=cfg.seed, decoder_guidance_scale=float(cfg.decoder_guidance_scale),
+                                  image_column=cfg.image_column, storage_options=cfg.storage_options),
+            prepared=(*PREPARED, C.SOURCE_IMAGE, C.SOURCE_IMAGE_PATH),
+            embedded=EmbeddedModel(variations=True),
+            row_settings=steps,
+            # The decoder reads the prior's scale as its guidance switch; with no prior it is always 1, which is
+            # not a setting of the outputs.
+            drop=(C.PRIOR_GUIDANCE_SCALE,),
+        )
+    return Task(
+        name="generate",
+        check_columns=None,
+        prepare=prepare_batch,
+        prepare_settings=dict(run_seed=cfg.seed, decoder_guidance_scale=float(cfg.decoder_guidance_scale),
+                              prior_guidance_scale=float(cfg.prior_guidance_scale)),
+        prepared=PREPARED,
+        embedded=EmbeddedModel(),
+        row_settings={"prior_steps": cfg.prior_steps, **steps},
+    )
