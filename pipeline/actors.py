@@ -6,9 +6,7 @@ timestamps) reach the writer untouched; a stage sees only the columns it declare
 
 from __future__ import annotations
 
-import importlib
 import os
-from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -20,54 +18,28 @@ from ray.data.extensions import ArrowTensorArray
 
 from . import columns as C
 from . import crashes, embedded
-from .config import STAGE_NAMES, ConfigError, RunConfig, StageConfig
+from .config import STAGE_NAMES, RunConfig, StageConfig
 from .placement import Reservation, map_batches_args, per_actor_scheduling
-
-# Where each stage's class lives: an actor imports only its own stage's module, so that a decoder actor does not
-# pay for the imports of CLIP scoring or image variations when it starts.
-STAGE_CLASSES = {
-    "prior": "pipeline.stages:PriorStage",
-    "image_encoder": "pipeline.variations:ImageEncoderStage",
-    "decoder": "pipeline.stages:DecoderStage",
-    "super_res": "pipeline.stages:SuperResStage",
-    "clip_score": "pipeline.scoring:ClipScoreStage",
-}
-
-
-def stage_class(name: str) -> type:
-    module, cls = STAGE_CLASSES[name].split(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def stage_inputs(name: str, reference: str) -> tuple[str, ...]:
-    """The columns stage ``name`` reads; the CLIP score stage's include its ``reference`` embedding column."""
-    return (C.KEY, C.IMAGE, reference) if name == "clip_score" else stage_class(name).inputs
-
-
-def check_stage_columns(stages: Iterable[str], prepared: Iterable[str], reference: str) -> None:
-    """Refuse, before any work, stages in an order where one reads a column that neither prepare
-    (``prepared``) nor an earlier stage makes: at run time that would be a bare KeyError in every batch."""
-    have = set(prepared)
-    for name in stages:
-        missing = [c for c in stage_inputs(name, reference) if c not in have]
-        if missing:
-            raise ConfigError(f"the {name} stage reads {', '.join(missing)}, which no step before it makes "
-                              f"(stages in order: {', '.join(stages)})")
-        cls = stage_class(name)
-        have = (have - set(cls.consumes)) | set(cls.outputs)
 
 
 class StageActor:
-    """One actor of a stage's pool: loads the stage's model components once, then maps batches."""
+    """One actor of a stage's pool: loads the stage's model components once, then maps batches.
 
-    stage_name: str
+    Each stage has its subclass beside it (``PriorActor`` in pipeline.stages, ...), naming the stage class: Ray
+    ships the subclass by reference, so an actor imports only its own stage's module, and a decoder actor does not
+    pay for the imports of CLIP scoring or image variations when it starts. One subclass per stage also names the
+    operators in Ray's progress and stats (``MapBatches(PriorActor)``, ...).
+    """
+
+    stage_class: type  # a pipeline.stages.Stage
 
     def __init__(self, kwargs: dict, crash_ledger: ActorHandle):
+        self.stage_name = self.stage_class.name
         # Where this actor runs, for the manifest: recorded before the model loads, so an actor the run ends
         # while it is still loading is counted too (not awaited: the ledger is on the driver's node).
         crash_ledger.placed.remote(self.stage_name, ray.get_runtime_context().get_node_id(),
                                    [int(i) for i in ray.get_gpu_ids()], os.getpid())
-        self.stage = stage_class(self.stage_name)(**{**kwargs, "model": embedded.resolve(kwargs["model"])})
+        self.stage = self.stage_class(**{**kwargs, "model": embedded.resolve(kwargs["model"])})
         made = set(self.stage.empty(0)) - {C.ERROR, C.ERROR_STAGE}
         if made != set(self.stage.outputs):  # a stage whose outputs and declaration differ is a bug: fail early
             raise TypeError(f"{self.stage_name} stage makes {sorted(made)}, declares {sorted(self.stage.outputs)}")
@@ -99,39 +71,15 @@ def to_arrow(values: np.ndarray) -> pa.Array:
     return pa.array(values)
 
 
-# One subclass per stage so that Ray's progress and stats name the operators (MapBatches(PriorActor), ...).
-# Defined here at module level, so that Ray ships them by reference, not pickled by value with every actor.
-class PriorActor(StageActor):
-    stage_name = "prior"
-
-
-class ImageEncoderActor(StageActor):
-    stage_name = "image_encoder"
-
-
-class DecoderActor(StageActor):
-    stage_name = "decoder"
-
-
-class SuperResActor(StageActor):
-    stage_name = "super_res"
-
-
-class ClipScoreActor(StageActor):
-    stage_name = "clip_score"
-
-
-ACTOR_CLASSES = {c.stage_name: c for c in (PriorActor, ImageEncoderActor, DecoderActor, SuperResActor, ClipScoreActor)}
-
-
 def add_stage(
-    ds: Dataset, name: str, stage: StageConfig, cfg: RunConfig, model: str | embedded.EmbeddedModel,
+    ds: Dataset, actor: type[StageActor], stage: StageConfig, cfg: RunConfig, model: str | embedded.EmbeddedModel,
     ledger: ActorHandle, reservation: Reservation | None,
 ) -> Dataset:
-    """Append stage ``name`` as an actor pool; ``model`` is the Karlo repo, or the CLIP tower of the score stage
-    (an EmbeddedModel: the embedded default, which each node builds for itself);
+    """Append the stage of ``actor`` as a pool of such actors; ``model`` is the Karlo repo, or the CLIP tower of
+    the score stage (an EmbeddedModel: the embedded default, which each node builds for itself);
     ``ledger`` the run's crash ledger (pipeline.crashes); ``reservation`` the GPUs reserved for the stage actors
     (pipeline.placement), None when no stage uses a GPU."""
+    name = actor.stage_class.name
     kwargs: dict = dict(
         model=model,
         device=stage.device,
@@ -148,7 +96,7 @@ def add_stage(
         kwargs["reference"] = reference_column(cfg)
     with per_actor_scheduling():
         return ds.map_batches(
-            ACTOR_CLASSES[name],
+            actor,
             fn_constructor_args=(kwargs, ledger),
             batch_size=stage.batch_size,
             batch_format="pyarrow",

@@ -17,7 +17,7 @@ import ray
 
 from . import columns as C
 from . import crashes
-from .actors import add_stage, check_stage_columns
+from .actors import add_stage
 from .config import ConfigError, RunConfig
 from .embedded import EmbeddedModel, default_model
 from .encode import ENCODE_CPUS, add_encode
@@ -42,6 +42,7 @@ from .scoring import check_tower, clip_model_for, reference_column
 from .shards import unwritable_columns
 from .shared_paths import check_run_paths
 from .sinks import KarloDatasink, SinkResult, check_writable, remove_uncommitted, write_json_atomic
+from .stage_actors import STAGE_ACTORS, check_stage_columns
 from .tasks import Task, task_of
 from .variations import check_model_kind
 
@@ -322,7 +323,8 @@ def execute(p: RunPlan, done: set[str], sink: KarloDatasink, reservation: Reserv
                                        prepare=p.task.prepare, **p.task.prepare_settings))
     ledger = crashes.new_ledger()
     for name, stage in cfg.stages.items():
-        ds = add_stage(ds, name, stage, cfg, p.clip_ref if name == "clip_score" else p.model_ref, ledger, reservation)
+        model = p.clip_ref if name == "clip_score" else p.model_ref
+        ds = add_stage(ds, STAGE_ACTORS[name], stage, cfg, model, ledger, reservation)
     if p.task.drop:
         ds = ds.drop_columns(list(p.task.drop), num_cpus=PREPARE_CPUS)
     # A write task assembles the encoded files of a shard and uploads them: light CPU work, mostly waiting on

@@ -24,8 +24,9 @@ from karlo_model.config import ConfigError as ModelConfigError
 from karlo_model.weights import local_repo, read_json
 
 from . import columns as C
+from .actors import StageActor
 from .config import ConfigError, RunConfig
-from .reader import display_url
+from .redact import display_url
 from .stages import Batch, Stage
 
 SCALE = "cosine"  # raw cosine in [-1, 1]; torchmetrics' CLIPScore would be 100 * max(cosine, 0)
@@ -114,3 +115,7 @@ class ClipScoreStage(Stage):
 
     def empty(self, n: int) -> Batch:
         return {C.CLIP_IMAGE_EMB: np.zeros((n, self.tower.dim), np.float32), C.CLIP_SCORE: np.zeros(n, np.float32)}
+
+
+class ClipScoreActor(StageActor):
+    stage_class = ClipScoreStage

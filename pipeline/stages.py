@@ -20,6 +20,7 @@ from karlo_model import DTYPES, MAX_LENGTH, Karlo, KarloConfig, PriorResult, Tex
 
 from . import columns as C
 from . import faults
+from .actors import StageActor
 from .redact import redact, secret_values
 
 logger = logging.getLogger(__name__)
@@ -251,3 +252,15 @@ class SuperResStage(Stage):
         for i, seed in enumerate(seeds):
             images[i] = np.random.default_rng(int(seed)).integers(0, 256, (size, size, 3), np.uint8)
         return {C.IMAGE: images}
+
+
+class PriorActor(StageActor):
+    stage_class = PriorStage
+
+
+class DecoderActor(StageActor):
+    stage_class = DecoderStage
+
+
+class SuperResActor(StageActor):
+    stage_class = SuperResStage

@@ -23,6 +23,7 @@ from PIL import Image
 from karlo_model import VARIATIONS_PIPELINE
 
 from . import columns as C
+from .actors import StageActor
 from .config import ConfigError
 from .reader import InputError
 from .redact import display_url
@@ -182,3 +183,7 @@ class ImageEncoderStage(Stage):
 
     def empty(self, n: int) -> Batch:
         return empty_first_stage_outputs(n, self.config)
+
+
+class ImageEncoderActor(StageActor):
+    stage_class = ImageEncoderStage
