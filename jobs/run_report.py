@@ -16,19 +16,28 @@ def format_summary(s: RunSummary) -> str:
     status = "complete" if s.complete else "INCOMPLETE"
     rows = [
         ("rows read", f"{s.rows_in}"),
-        ("images written", f"{s.written}" + (f" ({s.resumed} from earlier attempts)" if s.resumed else "")),
+        # Committed rows found at the start count error and rejected rows too: the images are the difference.
+        ("images written", f"{s.written}" + (f" ({s.written - s.images_this_run} from earlier attempts)"
+                                             if s.written > s.images_this_run else "")),
         ("error rows", f"{s.errors}" + (f"  -> see {ERRORS_DIR}/" if s.errors else "")),
         *([("rejected rows", f"{s.rejected}  (below --min-clip-score) -> see {REJECTED_DIR}/")] if s.rejected else []),
         ("shards", f"{s.shards}"),
         ("images/s", f"{s.images_per_second:.2f} ({s.images_this_run} in {s.seconds:.1f} s{_after_start_up(s)})"),
         ("time", format_duration(s.seconds)),
-        ("output", f"{s.output_url}  ({IMAGES_DIR}/, {IMG_EMB_DIR}/, {TEXT_EMB_DIR}/, {METADATA_DIR}/, {MANIFEST})"),
+        ("output", f"{s.output_url}  ({', '.join(_folders(s))}, {MANIFEST})"),
     ]
     rows += [("unreadable file", f"{source}: {reason}") for source, reason in s.bad_files]
     lines = [f"{PREFIX} run {status}"] + [f"  {label:<16} {value}" for label, value in rows]
     if not s.complete:
         lines.append("  INCOMPLETE: rows are missing; rerun the same command to finish")
     return "\n".join(lines)
+
+
+def _folders(s: RunSummary) -> list[str]:
+    """The run's folders that hold something."""
+    folders = [IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR, METADATA_DIR] + [ERRORS_DIR] * bool(s.errors) + \
+        [REJECTED_DIR] * bool(s.rejected)
+    return [f"{folder}/" for folder in folders]
 
 
 def _after_start_up(s: RunSummary) -> str:

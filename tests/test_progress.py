@@ -157,7 +157,7 @@ def test_summary_table():
         "  shards           4",
         "  images/s         0.02 (3 in 125.0 s)",
         "  time             2m05s",
-        "  output           s3://bucket/out  (images/, img_emb/, text_emb/, metadata/, manifest.json)",
+        "  output           s3://bucket/out  (images/, img_emb/, text_emb/, metadata/, errors/, manifest.json)",
         "  unreadable file  b.parquet: not a Parquet file",
         "  INCOMPLETE: rows are missing; rerun the same command to finish",
     ]
@@ -172,6 +172,16 @@ def test_summary_rate_after_start_up():
     none = RunSummary(output_url="out", rows_in=8, written=8, errors=0, resumed=8, shards=1, bad_files=[],
                       seconds=3.0, images_this_run=0)
     assert none.images_per_second_after_start_up is None and "start-up" not in format_summary(none)
+
+
+def test_summary_counts_images_apart_from_error_rows_of_earlier_attempts():
+    """7 rows committed before this attempt, 3 of them error rows: 4 of the images are from earlier attempts."""
+    s = RunSummary(output_url="out", rows_in=12, written=8, errors=3, resumed=7, shards=3, bad_files=[],
+                   seconds=10.0, images_this_run=4, rejected=1)
+    lines = format_summary(s).splitlines()
+    assert "  images written   8 (4 from earlier attempts)" in lines
+    assert "  output           out  (images/, img_emb/, text_emb/, metadata/, errors/, rejected/, manifest.json)" \
+        in lines
 
 
 @pytest.mark.slow
