@@ -447,7 +447,8 @@ def bench_driver_memory_cmd(rows, as_json) -> None:
     _print_result({"driver_memory": bench_driver_memory(rows=rows)}, as_json)
 
 
-from jobs.k8s import launch_rayjob_cmd, render_k8s_cmd  # noqa: E402 - commands defined in their own modules
+from jobs.convert import convert_original_cmd  # noqa: E402 - commands defined in their own modules
+from jobs.k8s import launch_rayjob_cmd, render_k8s_cmd  # noqa: E402
 from jobs.submit import jobs_group, submit_cmd  # noqa: E402
 from jobs.sweep import sweep_cmd  # noqa: E402
 
@@ -456,6 +457,7 @@ main.add_command(jobs_group)
 main.add_command(sweep_cmd)
 main.add_command(render_k8s_cmd)
 main.add_command(launch_rayjob_cmd)
+main.add_command(convert_original_cmd)
 
 if __name__ == "__main__":
     # Jobs run the command as `python -m jobs.cli`; its messages name it as the user typed it.
