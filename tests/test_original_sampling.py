@@ -13,6 +13,7 @@ noise at its last step and multiplies it by zero; none is drawn here, so both co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Callable
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from original_layout import TinyOriginal, write_tiny_original
 
-from karlo_model import Guidance, Karlo, make_tiny_model
+from karlo_model import Guidance, Karlo, TextEncoding, make_tiny_model
 from karlo_model.convert import convert_original
 from karlo_model.sampling import to_uint8
 
@@ -109,6 +110,16 @@ def guided(model: Callable[..., torch.Tensor], cond: dict, uncond: dict, scale: 
     return fn
 
 
+def reference_prior(nets: TinyOriginal, text: TextEncoding, negative: TextEncoding, x: torch.Tensor,
+                    gens: list[torch.Generator]) -> torch.Tensor:
+    """The original prior chain (x0 prediction, x0 clamped to [-10, 10]) -> un-normalised image embeddings."""
+    cond = dict(text_emb=text.embeds, text_enc=text.hidden, mask=text.mask)
+    uncond = dict(text_emb=negative.embeds, text_enc=negative.hidden, mask=negative.mask)
+    fn = guided(nets.prior, cond, uncond, PRIOR_SCALE, CLIP_DIM)
+    z = p_sample_loop(fn, x, gens, PRIOR_STEPS, predicts="x0", learned_range=False, clamp=10.0)
+    return z * nets.clip_std + nets.clip_mean
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> tuple[TinyOriginal, Karlo]:
     tmp = tmp_path_factory.mktemp("original-sampling")
@@ -145,12 +156,7 @@ def test_converted_repo_samples_as_the_reference_sampler(setup):
     assert np.array_equal(whole.image_embeds, emb.numpy()) and np.array_equal(whole.images, to_uint8(image).numpy())
 
     ref_gens = [torch.Generator().manual_seed(s) for s in SEEDS]
-    prior_cond = dict(text_emb=text.embeds, text_enc=text.hidden, mask=text.mask)
-    prior_uncond = dict(text_emb=negative.embeds, text_enc=negative.hidden, mask=negative.mask)
-    prior_fn = guided(nets.prior, prior_cond, prior_uncond, PRIOR_SCALE, CLIP_DIM)
-    z = p_sample_loop(prior_fn, prior_x, ref_gens, PRIOR_STEPS, predicts="x0", learned_range=False, clamp=10.0)
-    ref_emb = z * nets.clip_std + nets.clip_mean
-    prior_err = (ref_emb - emb).abs().max().item()
+    prior_err = (reference_prior(nets, text, negative, prior_x, ref_gens) - emb).abs().max().item()
 
     # The decoder from the same embedding: the unconditional half takes cf_param for it.
     dec_cond = dict(txt_feat=text.embeds, txt_feat_seq=text.hidden, mask=text.mask, y=emb)
@@ -175,3 +181,23 @@ def test_converted_repo_samples_as_the_reference_sampler(setup):
                       "prior_max_abs": emb.abs().max().item()}))
     assert prior_err < 1e-4 and decoder_err < 5e-3 and sr_err < 1e-4
     assert emb.abs().max() > 1 and image_64.std() > 0.1 and image.std() > 0.1  # not trivially small outputs
+
+
+@pytest.mark.parametrize("change", [
+    {"clip_sample_range": 5.0},
+    {"float64_tables": False},
+])
+@torch.no_grad()
+def test_the_reference_tells_either_diffusers_difference_apart(setup, change):
+    """With the prior scheduler edited back to either of diffusers' semantics, the prior moves well past 1e-4."""
+    nets, karlo = setup
+    prior_cfg = dataclasses.replace(karlo.config.prior_scheduler, **change)
+    edited = Karlo(dataclasses.replace(karlo.config, prior_scheduler=prior_cfg), karlo.modules, karlo.tokenizer)
+    prior_x, _, _ = latents(len(PROMPTS))
+    guidance = Guidance.of(PRIOR_SCALE, DECODER_SCALE, len(PROMPTS))
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    text, negative, emb = edited.run_prior(PROMPTS, gens, guidance, steps=PRIOR_STEPS, latents=prior_x)
+    ref = reference_prior(nets, text, negative, prior_x, [torch.Generator().manual_seed(s) for s in SEEDS])
+    err = (ref - emb).abs().max().item()
+    print(json.dumps({"change": change, "prior": err}))
+    assert err > 1e-4
