@@ -14,11 +14,22 @@ import fsspec
 import pytest
 import torch
 from click.testing import CliRunner
-from original_layout import TinyOriginal, save_checkpoint, write_tiny_original
+from original_layout import (
+    OriginalDecoder,
+    OriginalPrior,
+    OriginalSuperRes,
+    TinyOriginal,
+    decoder_checkpoint_state,
+    prior_checkpoint_state,
+    save_checkpoint,
+    super_res_checkpoint_state,
+    write_tiny_original,
+)
 
 from jobs.cli import main
-from karlo_model import Karlo, make_tiny_model
-from karlo_model.original import load_checkpoint
+from karlo_model import Karlo, make_tiny_model, preset
+from karlo_model.convert import IMAGE_SIZE, SUPER_RES_HEAD_DIM, prior_config, text_proj_config, unet_config
+from karlo_model.original import convert_decoder, convert_prior, convert_super_res, load_checkpoint
 
 CLIP_DIM, TEXT_CTX, PRIOR_HEADS, HEAD_DIM = 32, 77, 2, 16  # the tiny text encoder's width; CLIP's 77 tokens
 
@@ -109,3 +120,18 @@ def test_refuses_a_non_empty_output_and_a_missing_text_encoder(sources, tmp_path
     (tmp_path / "full" / "x").write_text("")
     _fails(args(nets, tiny, tmp_path / "full"), "is not empty")
     _fails(args(nets, tmp_path / "nowhere", tmp_path / "c"), "is not a folder")
+
+
+def test_full_size_configs_read_off_the_weights_are_the_hub_configs():
+    """On the meta device: the original structures at full size give kakaobrain/karlo-v1-alpha's configs."""
+    hub = preset("karlo-v1-alpha")
+    with torch.device("meta"):
+        prior = convert_prior(prior_checkpoint_state(OriginalPrior()), torch.empty(768), torch.empty(768))
+        decoder, text_proj = convert_decoder(decoder_checkpoint_state(OriginalDecoder()))
+        first, last = convert_super_res(super_res_checkpoint_state(OriginalSuperRes(), OriginalSuperRes()))
+    assert prior_config(prior, 32) == hub.prior
+    assert text_proj_config(text_proj) == hub.text_proj
+    assert unet_config(decoder, conditional=True, sample_size=64, head_dim=64, cross_attention_dim=1536) == hub.decoder
+    sr = dict(conditional=False, head_dim=SUPER_RES_HEAD_DIM)
+    assert unet_config(first, sample_size=IMAGE_SIZE, **sr) == hub.super_res_first
+    assert unet_config(last, sample_size=None, **sr) == hub.super_res_last
