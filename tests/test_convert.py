@@ -25,9 +25,11 @@ from original_layout import (
     super_res_checkpoint_state,
     write_tiny_original,
 )
+from transformers import CLIPConfig, CLIPModel
 
 from jobs.cli import main
 from karlo_model import Karlo, make_tiny_model, preset
+from karlo_model.clip_vision import tiny_vision_config
 from karlo_model.convert import IMAGE_SIZE, SUPER_RES_HEAD_DIM, prior_config, text_proj_config, unet_config
 from karlo_model.original import convert_decoder, convert_prior, convert_super_res, load_checkpoint
 
@@ -135,3 +137,22 @@ def test_full_size_configs_read_off_the_weights_are_the_hub_configs():
     sr = dict(conditional=False, head_dim=SUPER_RES_HEAD_DIM)
     assert unet_config(first, sample_size=IMAGE_SIZE, **sr) == hub.super_res_first
     assert unet_config(last, sample_size=None, **sr) == hub.super_res_last
+
+
+def test_text_encoder_from_a_whole_clip_model(sources, tmp_path):
+    """The layout of openai/clip-vit-large-patch14: a CLIPModel whose text half is kept, vision half dropped."""
+    nets, tiny = sources
+    text_config = json.loads((tiny / "text_encoder" / "config.json").read_text())
+    clip = CLIPModel(CLIPConfig(text_config=text_config, vision_config=tiny_vision_config(CLIP_DIM, image_size=32),
+                                projection_dim=CLIP_DIM))
+    folder = tmp_path / "clip-vit"
+    clip.save_pretrained(folder)
+    for f in (tiny / "tokenizer").iterdir():
+        shutil.copy(f, folder / f.name)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, args(nets, folder, out))
+    assert result.exit_code == 0, result.output
+    encoder = Karlo.from_pretrained(out, stages=["prior"]).text_encoder
+    assert torch.equal(encoder.text_projection.weight, clip.text_projection.weight)
+    assert torch.equal(encoder.text_model.final_layer_norm.weight, clip.text_model.final_layer_norm.weight)
+    assert not list((out / "text_encoder").glob("*.bin"))
