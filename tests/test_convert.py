@@ -156,3 +156,15 @@ def test_text_encoder_from_a_whole_clip_model(sources, tmp_path):
     assert torch.equal(encoder.text_projection.weight, clip.text_projection.weight)
     assert torch.equal(encoder.text_model.final_layer_norm.weight, clip.text_model.final_layer_norm.weight)
     assert not list((out / "text_encoder").glob("*.bin"))
+
+
+class Opaque:
+    """A custom class: loading it would need arbitrary unpickling."""
+
+
+def test_arbitrary_pickles_and_missing_files_are_refused(sources, tmp_path):
+    nets, tiny = sources
+    evil = tmp_path / "prior.ckpt"
+    torch.save({"state_dict": load_checkpoint(str(nets.files["prior"])), "hyper_parameters": Opaque()}, evil)
+    _fails(args(nets, tiny, tmp_path / "a", prior=evil), "never unpickled")
+    _fails(args(nets, tiny, tmp_path / "b", **{"clip-stats": tmp_path / "none.th"}), "not found")
