@@ -32,6 +32,8 @@ from karlo_model import Karlo, make_tiny_model, preset
 from karlo_model.clip_vision import tiny_vision_config
 from karlo_model.convert import IMAGE_SIZE, SUPER_RES_HEAD_DIM, prior_config, text_proj_config, unet_config
 from karlo_model.original import convert_decoder, convert_prior, convert_super_res, load_checkpoint
+from karlo_model.repo import build_module
+from karlo_model.weights import load_into
 
 CLIP_DIM, TEXT_CTX, PRIOR_HEADS, HEAD_DIM = 32, 77, 2, 16  # the tiny text encoder's width; CLIP's 77 tokens
 
@@ -137,6 +139,11 @@ def test_full_size_configs_read_off_the_weights_are_the_hub_configs():
     sr = dict(conditional=False, head_dim=SUPER_RES_HEAD_DIM)
     assert unet_config(first, sample_size=IMAGE_SIZE, **sr) == hub.super_res_first
     assert unet_config(last, sample_size=None, **sr) == hub.super_res_last
+    # 0 missing, 0 unexpected, 0 mis-shaped keys: a strict load into the project's own networks.
+    state = dict(prior=prior, decoder=decoder, text_proj=text_proj, super_res_first=first, super_res_last=last)
+    for comp, sd in state.items():
+        with torch.device("meta"):
+            load_into(build_module(hub, comp), sd, comp)
 
 
 def test_text_encoder_from_a_whole_clip_model(sources, tmp_path):
