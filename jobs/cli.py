@@ -273,6 +273,7 @@ def make_tiny_model_cmd(out_dir: str, seed: int, preset_name: str, variations: b
 
 
 from jobs.bench_command import bench  # noqa: E402 - commands defined in their own modules
+from jobs.convert import convert_original_cmd  # noqa: E402
 from jobs.k8s import launch_rayjob_cmd, render_k8s_cmd  # noqa: E402
 from jobs.submit import jobs_group, submit_cmd  # noqa: E402
 from jobs.sweep.command import sweep_cmd  # noqa: E402
@@ -283,6 +284,7 @@ main.add_command(jobs_group)
 main.add_command(sweep_cmd)
 main.add_command(render_k8s_cmd)
 main.add_command(launch_rayjob_cmd)
+main.add_command(convert_original_cmd)
 
 if __name__ == "__main__":
     # Jobs run the command as `python -m jobs.cli`; its messages name it as the user typed it.

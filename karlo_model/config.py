@@ -258,6 +258,9 @@ class SchedulerConfig:
     clip_sample: bool = True
     clip_sample_range: float = 1.0
     num_train_timesteps: int = 1000
+    # Not a diffusers key (diffusers ignores it): schedule coefficients in float64, cast to float32 where used, as
+    # the original Karlo sampler (guided-diffusion's numpy tables) computes them. False: float32, as diffusers.
+    float64_tables: bool = False
 
     CLASS = "UnCLIPScheduler"
 
@@ -269,10 +272,16 @@ class SchedulerConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SchedulerConfig":
-        return _read(cls, data, name="scheduler", fixed={"beta_schedule": "squaredcos_cap_v2"}, ignored=set())
+        cfg = _read(cls, data, name="scheduler", fixed={"beta_schedule": "squaredcos_cap_v2"}, ignored=set())
+        if not isinstance(cfg.float64_tables, bool):
+            raise ConfigError(f"scheduler: float64_tables must be true or false, got {cfg.float64_tables!r}")
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        return _write(self, self.CLASS)
+        out = _write(self, self.CLASS)
+        if not self.float64_tables:
+            del out["float64_tables"]  # diffusers-format files stay as diffusers writes them
+        return out
 
 
 # The real CLIP ViT-L/14 text tower (kakaobrain/karlo-v1-alpha's text_encoder/config.json). Kept as a plain dict:

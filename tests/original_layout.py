@@ -10,6 +10,8 @@ parameter, so the full-size networks can be built on the meta device and tiny on
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -347,3 +349,54 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
         if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
             m.weight.add_(1.0)
     return module
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tiny checkpoint files
+
+
+@dataclass(repr=False)
+class TinyOriginal:
+    """Seeded tiny original networks and the files they were saved to, as the original loads them."""
+
+    prior: OriginalPrior
+    decoder: OriginalDecoder
+    sr_first: OriginalSuperRes
+    sr_last: OriginalSuperRes
+    clip_mean: torch.Tensor
+    clip_std: torch.Tensor
+    files: dict[str, Path]  # "prior", "decoder", "sr", "stats"
+
+
+def save_checkpoint(path: Path, sd: dict[str, torch.Tensor]) -> Path:
+    """Lightning-style: the weights under "state_dict" beside plain bookkeeping entries, which are ignored."""
+    torch.save({"state_dict": sd, "global_step": 1_000_000, "epoch": 3}, path)
+    return path
+
+
+def write_tiny_original(folder: Path, *, text_ctx: int, clip_dim: int, prior_width: int, prior_heads: int,
+                        xf_width: int, head_dim: int, extra_tokens: int, decoder_size: int,
+                        dtype: torch.dtype) -> TinyOriginal:
+    """Decoder: 3 levels x 2 res blocks, attention on levels 1-2 and the middle; super-res: 2 levels x 1 block."""
+    prior = randomize_(OriginalPrior(text_ctx, prior_width, 2, prior_heads, clip_dim).to(dtype), seed=0)
+    decoder = randomize_(
+        OriginalDecoder(image_size=decoder_size, num_channels=32, num_res_blocks=2, channel_mult=(1, 1, 2),
+                        attention_resolutions=(decoder_size // 2, decoder_size // 4), num_head_channels=head_dim,
+                        clip_dim=clip_dim, clip_emb_mult=extra_tokens, xf_width=xf_width).to(dtype),
+        seed=1,
+    )
+    sr_first = randomize_(OriginalSuperRes(32, 1, (1, 2)).to(dtype), seed=2)
+    sr_last = randomize_(OriginalSuperRes(32, 1, (1, 2)).to(dtype), seed=3)
+    g = torch.Generator().manual_seed(4)
+    clip_mean = torch.randn(clip_dim, generator=g, dtype=dtype)
+    clip_std = torch.rand(clip_dim, generator=g, dtype=dtype) + 0.5
+    files = {
+        "prior": save_checkpoint(folder / "prior-ckpt-step=01000000-of-01000000.ckpt", prior_checkpoint_state(prior)),
+        "decoder": save_checkpoint(folder / "decoder-ckpt-step=01000000-of-01000000.ckpt",
+                                   decoder_checkpoint_state(decoder)),
+        "sr": save_checkpoint(folder / "improved-sr-ckpt-step=1.2M.ckpt",
+                              super_res_checkpoint_state(sr_first, sr_last)),
+        "stats": folder / "ViT-L-14_stats.th",
+    }
+    torch.save((clip_mean, clip_std), files["stats"])
+    return TinyOriginal(prior, decoder, sr_first, sr_last, clip_mean, clip_std, files)

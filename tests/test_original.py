@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import fsspec
 import pytest
@@ -25,10 +24,12 @@ from original_layout import (
     OriginalDecoder,
     OriginalPrior,
     OriginalSuperRes,
+    TinyOriginal,
     decoder_checkpoint_state,
     prior_checkpoint_state,
-    randomize_,
+    save_checkpoint,
     super_res_checkpoint_state,
+    write_tiny_original,
 )
 
 from karlo_model.original import (
@@ -144,49 +145,21 @@ TINY_SUPER_RES = dict(
 
 
 @dataclass(repr=False)
-class Tiny:
-    prior: OriginalPrior
-    decoder: OriginalDecoder
-    sr_first: OriginalSuperRes
-    sr_last: OriginalSuperRes
-    clip_mean: torch.Tensor
-    clip_std: torch.Tensor
-    files: dict[str, Path]
+class Tiny(TinyOriginal):
     converted: dict[str, StateDict]
-
-
-def _save_ckpt(path: Path, sd: StateDict) -> Path:
-    # Lightning-style: the weights under "state_dict" beside plain bookkeeping entries, which are ignored.
-    torch.save({"state_dict": sd, "global_step": 1_000_000, "epoch": 3}, path)
-    return path
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Tiny:
     tmp = tmp_path_factory.mktemp("original")
-    dtype = torch.float64  # so that a correct conversion agrees to ~1e-12 and a wrong one stands out
-    prior = randomize_(OriginalPrior(TEXT_CTX, PRIOR_WIDTH, 2, PRIOR_HEADS, CLIP_DIM).to(dtype), seed=0)
-    decoder = randomize_(
-        OriginalDecoder(image_size=8, num_channels=32, num_res_blocks=2, channel_mult=(1, 1, 2),
-                        attention_resolutions=(4, 2), num_head_channels=HEAD_DIM, clip_dim=CLIP_DIM,
-                        clip_emb_mult=EXTRA_TOKENS, xf_width=XF_WIDTH).to(dtype),
-        seed=1,
-    )
-    sr_first = randomize_(OriginalSuperRes(32, 1, (1, 2)).to(dtype), seed=2)
-    sr_last = randomize_(OriginalSuperRes(32, 1, (1, 2)).to(dtype), seed=3)
-    g = torch.Generator().manual_seed(4)
-    clip_mean = torch.randn(CLIP_DIM, generator=g, dtype=dtype)
-    clip_std = torch.rand(CLIP_DIM, generator=g, dtype=dtype) + 0.5
-    files = {
-        "prior": _save_ckpt(tmp / "prior-ckpt-step=01000000-of-01000000.ckpt", prior_checkpoint_state(prior)),
-        "decoder": _save_ckpt(tmp / "decoder-ckpt-step=01000000-of-01000000.ckpt", decoder_checkpoint_state(decoder)),
-        "sr": _save_ckpt(tmp / "improved-sr-ckpt-step=1.2M.ckpt", super_res_checkpoint_state(sr_first, sr_last)),
-        "stats": tmp / "ViT-L-14_stats.th",
-    }
-    torch.save((clip_mean, clip_std), files["stats"])
+    # float64, so that a correct conversion agrees to ~1e-12 and a wrong one stands out
+    nets = write_tiny_original(tmp, text_ctx=TEXT_CTX, clip_dim=CLIP_DIM, prior_width=PRIOR_WIDTH,
+                               prior_heads=PRIOR_HEADS, xf_width=XF_WIDTH, head_dim=HEAD_DIM,
+                               extra_tokens=EXTRA_TOKENS, decoder_size=8, dtype=torch.float64)
+    files = nets.files
     converted = load_original(str(files["prior"]), str(files["decoder"]), str(files["sr"]), str(files["stats"]),
                               prior_num_heads=PRIOR_HEADS, attention_head_dim=HEAD_DIM)
-    return Tiny(prior, decoder, sr_first, sr_last, clip_mean, clip_std, files, converted)
+    return Tiny(**vars(nets), converted=converted)
 
 
 def _strict(module: torch.nn.Module, sd: StateDict) -> torch.nn.Module:
@@ -422,7 +395,7 @@ def test_unexpected_keys_are_listed_with_the_file(tmp_path, tiny):
         convert_prior(sd | extra, tiny.clip_mean, tiny.clip_std, num_heads=PRIOR_HEADS)
     # Through load_original the message also names the file.
     sr = load_checkpoint(str(tiny.files["sr"]))
-    path = _save_ckpt(tmp_path / "sr.ckpt", sr | {"model_first_steps.input_blocks.1.1.weight": torch.zeros(1)})
+    path = save_checkpoint(tmp_path / "sr.ckpt", sr | {"model_first_steps.input_blocks.1.1.weight": torch.zeros(1)})
     message = re.escape(str(path)) + r": 1 unexpected keys.*'model_first_steps\.input_blocks\.1\.1\.weight'"
     with pytest.raises(CheckpointError, match=message):
         load_original(*(str(tiny.files[k]) for k in ("prior", "decoder")), str(path), str(tiny.files["stats"]),

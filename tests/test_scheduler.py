@@ -242,3 +242,47 @@ def test_chain_matches_diffusers(name, steps):
         assert (x - y).abs().max().item() <= 1e-6, f"step {i} (t={t})"
     r = KARLO_SCHEDULERS[name]["clip_sample_range"]
     assert x.abs().max().item() <= r * (1 + 1e-3)  # the chain ends on a clamped x0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# float64_tables: the original Karlo sampler's arithmetic (guided-diffusion's float64 numpy tables)
+
+
+def test_float64_tables_key_round_trips_and_diffusers_files_stay_unchanged():
+    plain = SchedulerConfig(**KARLO_SCHEDULERS["prior_scheduler"])
+    assert "float64_tables" not in plain.to_dict()
+    original = SchedulerConfig.from_dict(plain.to_dict() | {"clip_sample_range": 10.0, "float64_tables": True})
+    assert original.to_dict()["float64_tables"] is True and SchedulerConfig.from_dict(original.to_dict()) == original
+    with pytest.raises(ValueError, match="float64_tables must be true or false"):
+        SchedulerConfig.from_dict({"float64_tables": "yes"})
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_float64_tables_match_the_float64_posterior_cast_to_float32(name):
+    """One respaced step (t=957 -> 916) against guided-diffusion's formulas in float64, each coefficient cast to
+    float32 before it meets a tensor."""
+    cfg = SchedulerConfig(**KARLO_SCHEDULERS[name])
+    s64 = UnCLIPSchedule(SchedulerConfig(**{**KARLO_SCHEDULERS[name], "float64_tables": True}))
+    assert s64.alphas_cumprod.dtype == torch.float64
+    t, prev = 957, 916
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, generator=g)
+    out = torch.randn(2, 6 if cfg.variance_type == "learned_range" else 3, 4, 4, generator=g) * 0.5
+    got = s64.step(out, t, prev, x, gens([1, 2]))
+    noise = torch.stack([torch.randn(x.shape[1:], generator=gg) for gg in gens([1, 2])])
+    a = s64.alphas_cumprod.double()
+    a_t, a_prev = a[t].item(), a[prev].item()
+    beta = 1 - a_t / a_prev
+    eps, v = out[:, :3], out[:, 3:]
+    if cfg.prediction_type == "epsilon":
+        x0 = math.sqrt(1 / a_t) * x - math.sqrt(1 / a_t - 1) * eps
+    else:
+        x0 = eps
+    x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    mean = (beta * math.sqrt(a_prev) / (1 - a_t)) * x0 + ((1 - a_prev) * math.sqrt(1 - beta) / (1 - a_t)) * x
+    log_var = math.log(beta * (1 - a_prev) / (1 - a_t))
+    if cfg.variance_type == "learned_range":
+        frac = (v + 1) / 2
+        log_var = frac * math.log(beta) + (1 - frac) * log_var
+    expected = mean + torch.exp(0.5 * torch.as_tensor(log_var, dtype=torch.float32)) * noise
+    assert (got - expected).abs().max().item() < 2e-6
