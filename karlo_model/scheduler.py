@@ -1,4 +1,5 @@
-"""UnCLIP's DDPM schedule: squaredcos_cap_v2 betas, Karlo's respacing and the posterior step (reference §3).
+"""UnCLIP's DDPM schedule: squaredcos_cap_v2 betas, Karlo's respacing and the posterior step
+(diffusers' ``schedulers/scheduling_unclip.py``; kakaobrain karlo's ``SpacedDiffusion``, after guided-diffusion).
 
 By default the arithmetic follows diffusers' ``UnCLIPScheduler`` operation for operation (float32 tables and
 scalars) so that sampling reproduces it to the last bits, not just to a tolerance. With ``float64_tables`` in the

@@ -45,7 +45,7 @@ from karlo_model.original import (
 StateDict = dict[str, torch.Tensor]
 
 # ---------------------------------------------------------------------------------------------------------------
-# Full size (hub configs, reference/karlo.md §1.3-1.6; parameter counts §6; original key counts §5.1)
+# Full size (the hub repo's configs; parameter and original key counts of the published checkpoints)
 
 PRIOR_CONFIG = dict(additional_embeddings=4, attention_head_dim=64, dropout=0.0, embedding_dim=768,
                     num_attention_heads=32, num_embeddings=77, num_layers=20)

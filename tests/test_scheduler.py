@@ -1,8 +1,8 @@
 """The UnCLIP schedule (karlo_model.scheduler): golden values, closed-form dummy models, and diffusers.
 
-* betas, cumulative alphas and respaced timesteps against the values in reference/karlo.md §3, and the cumulative
+* betas, cumulative alphas and respaced timesteps against golden values (diffusers' ``UnCLIPScheduler`` tables), and the cumulative
   alphas against the telescoped closed form of the cosine schedule;
-* ``step`` against the posterior of §3 written out here in float64, with dummy models whose answer is known:
+* ``step`` against the DDPM posterior (Ho et al. 2020, eq. 6-7; learned-range variance of Nichol & Dhariwal 2021) written out here in float64, with dummy models whose answer is known:
   one that returns the true x0, one that predicts zero noise, learned-range variance at its ends, the last step
   (clamped x0, no noise drawn) and the clamp ranges of the three Karlo configs;
 * whole chains against diffusers' ``UnCLIPScheduler.step`` for the three Karlo configs with one generator per row.
@@ -41,7 +41,7 @@ def clone(generators: list[torch.Generator]) -> list[torch.Generator]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tables and timesteps (reference §3)
+# Tables and timesteps
 
 
 def test_betas_golden():
@@ -100,7 +100,7 @@ def test_fewer_than_two_steps_rejected(steps):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# step() against the posterior written out in float64 (reference §3)
+# step() against the posterior written out in float64
 
 
 def posterior(t: int, s: int) -> tuple[float, float, float, float]:
