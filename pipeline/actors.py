@@ -73,12 +73,13 @@ def to_arrow(values: np.ndarray) -> pa.Array:
 
 def add_stage(
     ds: Dataset, actor: type[StageActor], stage: StageConfig, cfg: RunConfig, model: str | embedded.EmbeddedModel,
-    ledger: ActorHandle, reservation: Reservation | None,
+    ledger: ActorHandle, reservation: Reservation | None, **settings: object,
 ) -> Dataset:
     """Append the stage of ``actor`` as a pool of such actors; ``model`` is the Karlo repo, or the CLIP tower of
     the score stage (an EmbeddedModel: the embedded default, which each node builds for itself);
     ``ledger`` the run's crash ledger (pipeline.crashes); ``reservation`` the GPUs reserved for the stage actors
-    (pipeline.placement), None when no stage uses a GPU."""
+    (pipeline.placement), None when no stage uses a GPU; ``settings`` the stage's own (the CLIP score stage's
+    ``reference`` column)."""
     name = actor.stage_class.name
     kwargs: dict = dict(
         model=model,
@@ -87,13 +88,10 @@ def add_stage(
         storage_options=cfg.storage_options,
         torch_threads=stage.torch_threads if stage.device == "cpu" else None,
         skip_networks=cfg.skip_networks,
+        **settings,
     )
     if name in STAGE_NAMES:  # the sampling stages
         kwargs["steps"] = cfg.steps(name)
-    elif name == "clip_score":
-        from .scoring import reference_column
-
-        kwargs["reference"] = reference_column(cfg)
     with per_actor_scheduling():
         return ds.map_batches(
             actor,

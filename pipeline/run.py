@@ -38,7 +38,7 @@ from .quiet import quiet_ray_data
 from .reader import InputError, InputPlan, display_url, plan_inputs, read_column, read_prompts
 from .redact import storage_error
 from .schema import find_duplicates, prepare_and_skip
-from .scoring import check_tower, clip_model_for, reference_column
+from .scoring import check_tower, clip_model_for
 from .shards import unwritable_columns
 from .shared_paths import check_run_paths
 from .sinks import KarloDatasink, SinkResult, check_writable, remove_uncommitted, write_json_atomic
@@ -181,14 +181,14 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     if unwritable:
         raise InputError(f"{plan.url}: columns the metadata files cannot hold: {'; '.join(unwritable)}; drop or "
                          "convert them")
-    check_stage_columns(cfg.stages, task.prepared, reference_column(cfg))
+    check_stage_columns(cfg.stages, task.prepared, task.clip_reference)
     model = cfg.model or task.embedded.path()
     model_id = model_identity(model, cfg.storage_options)
     check_model_kind(cfg.task, model_id)
     clip_ref = clip_record = None
     if cfg.clip_score:
         clip_model = clip_model_for(cfg, model, default_model(variations=True) if cfg.model is None else None)
-        clip_record = {**check_tower(clip_model, model, cfg.storage_options), "reference": reference_column(cfg),
+        clip_record = {**check_tower(clip_model, model, cfg.storage_options), "reference": task.clip_reference,
                        "min": cfg.min_clip_score}
         clip_ref = EmbeddedModel(variations=True) if cfg.model is None and cfg.clip_model is None else clip_model
     return RunPlan(cfg, task, plan, model, cfg.model or task.embedded, model_id,
@@ -323,8 +323,11 @@ def execute(p: RunPlan, done: set[str], sink: KarloDatasink, reservation: Reserv
                                        prepare=p.task.prepare, **p.task.prepare_settings))
     ledger = crashes.new_ledger()
     for name, stage in cfg.stages.items():
-        model = p.clip_ref if name == "clip_score" else p.model_ref
-        ds = add_stage(ds, STAGE_ACTORS[name], stage, cfg, model, ledger, reservation)
+        if name == "clip_score":
+            ds = add_stage(ds, STAGE_ACTORS[name], stage, cfg, p.clip_ref, ledger, reservation,
+                           reference=p.task.clip_reference)
+        else:
+            ds = add_stage(ds, STAGE_ACTORS[name], stage, cfg, p.model_ref, ledger, reservation)
     if p.task.drop:
         ds = ds.drop_columns(list(p.task.drop), num_cpus=PREPARE_CPUS)
     # A write task assembles the encoded files of a shard and uploads them: light CPU work, mostly waiting on

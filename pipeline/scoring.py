@@ -75,11 +75,6 @@ def check_tower(clip_model: str, model: str, storage_options: dict | None = None
     return {"model": display_url(clip_model), "layout": tower.layout, "dim": tower.dim, "scale": SCALE}
 
 
-def reference_column(cfg: RunConfig) -> str:
-    """What generated images are scored against: the prompt, or the input image of a variation."""
-    return C.IMAGE_EMB if cfg.task == "variations" else C.TEXT_EMB
-
-
 class ClipScoreStage(Stage):
     """CLIP vision tower: final images -> normalised CLIP image embeddings and their cosine with the reference."""
 

@@ -33,6 +33,8 @@ class Task:
     embedded: EmbeddedModel  # the model without --model
     # Sampling settings every metadata row records (the row's own guidance scales are columns of their own).
     row_settings: dict[str, Any]
+    # What the CLIP score stage scores generated images against: the prompt's embedding, or the input image's.
+    clip_reference: str = C.TEXT_EMB
     # Columns the stages need but the outputs do not hold.
     drop: tuple[str, ...] = field(default=())
 
@@ -49,6 +51,7 @@ def task_of(cfg: RunConfig) -> Task:
             prepared=(*PREPARED, C.SOURCE_IMAGE, C.SOURCE_IMAGE_PATH),
             embedded=EmbeddedModel(variations=True),
             row_settings=steps,
+            clip_reference=C.IMAGE_EMB,
             # The decoder reads the prior's scale as its guidance switch; with no prior it is always 1, which is
             # not a setting of the outputs.
             drop=(C.PRIOR_GUIDANCE_SCALE,),
