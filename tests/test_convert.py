@@ -175,3 +175,26 @@ def test_arbitrary_pickles_and_missing_files_are_refused(sources, tmp_path):
     torch.save({"state_dict": load_checkpoint(str(nets.files["prior"])), "hyper_parameters": Opaque()}, evil)
     _fails(args(nets, tiny, tmp_path / "a", prior=evil), "never unpickled")
     _fails(args(nets, tiny, tmp_path / "b", **{"clip-stats": tmp_path / "none.th"}), "not found")
+
+
+@pytest.mark.slow
+def test_karlo_generate_takes_a_converted_repo(sources, tmp_path, ray_local):
+    """The converted repo through the whole pipeline: every row written, one row per batch equal bit for bit to
+    Karlo.generate of that row alone on the same repo (original sampling included)."""
+    from pipeline_utils import PROMPTS, read_output, reference, write_table
+    from processes import FEW_STEPS, ONE_ROW_STAGES
+
+    nets, tiny = sources
+    repo = tmp_path / "karlo-original"
+    assert CliRunner().invoke(main, args(nets, tiny, repo)).exit_code == 0
+    table = write_table(tmp_path / "prompts.parquet", id=["a", "b"], prompt=PROMPTS[:2], seed=[7, 8])
+    stages = tmp_path / "stages.yaml"
+    stages.write_text(ONE_ROW_STAGES)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["generate", str(table), str(out), "--model", str(repo), *FEW_STEPS,
+                                       "--stage-config", str(stages), "--progress-interval", "0"])
+    assert result.exit_code == 0, result.output
+    images = read_output(out).images()
+    expected, _, _ = reference(str(repo), PROMPTS[:2], [7, 8])
+    for key, image in zip(["a", "b"], expected):
+        assert (images[key] == image).all(), key
