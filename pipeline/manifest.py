@@ -84,6 +84,10 @@ def model_identity(model: str, storage_options: dict | None = None) -> dict[str,
         raise ModelError(f"model {shown}: model_index.json is not valid JSON ({e})") from None
     except OSError as e:  # PermissionError for wrong credentials, connection errors
         raise ModelError(f"cannot read the model at {shown}: {storage_error(e, storage_options)}") from None
+    except Exception as e:  # noqa: BLE001 - HTTP-based filesystems (hf://, https://) raise their client's errors
+        if not is_remote(model):
+            raise
+        raise ModelError(f"cannot read the model at {shown}: {storage_error(e, storage_options)}") from None
     weights: dict[str, Any] = {}
     for comp in sorted(k for k, v in index.items() if isinstance(v, list)):
         folder = f"{root}/{comp}"

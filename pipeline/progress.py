@@ -82,9 +82,11 @@ class Progress:
     baseline: Tally
     started: float
 
-    def images_per_second(self, tally: Tally, now: float) -> float:
+    def images_per_second(self, tally: Tally, now: float, generated: int = 0) -> float:
+        """This run's rate: its committed images, or the rows past the last model stage (``generated``) while
+        they are ahead, since a shard commits only once all its rows are made (1000 by default)."""
         elapsed = now - self.started
-        return (tally.rows - self.baseline.rows) / elapsed if elapsed > 0 else 0.0
+        return max(tally.rows - self.baseline.rows, generated) / elapsed if elapsed > 0 else 0.0
 
     def eta(self, tally: Tally, now: float, generated: int = 0) -> float | None:
         """Seconds left at this run's average row rate (good and error rows), counting rows past the last model
@@ -105,7 +107,7 @@ class Progress:
         return " | ".join([
             f"{PREFIX} {tally.done:,}/{self.total:,} rows ({percent:.1f}%)",
             *([] if generated is None else [f"{min(self.total, self.baseline.done + generated):,} generated"]),
-            f"{format_rate(self.images_per_second(tally, now))} img/s",
+            f"{format_rate(self.images_per_second(tally, now, generated or 0))} img/s",
             "ETA " + ("--" if eta is None else format_duration(eta)),
             plural(tally.errors, "error"),
         ])

@@ -54,7 +54,7 @@ def display_url(url: str) -> str:
     return _URL_USERINFO.sub(r"\1", url)
 
 
-def storage_error(e: OSError, storage_options: Mapping[str, Any] | None = None) -> str:
+def storage_error(e: Exception, storage_options: Mapping[str, Any] | None = None) -> str:
     """A storage exception as a message: its type and text, redacted, with a hint when access was denied (S3
     answers a HEAD request it refuses with a bare "Forbidden")."""
     text = redact(f"{type(e).__name__}: {e}", secret_values(storage_options))

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import columns as C
-from pipeline.shards import ShardRows, hf_images, metadata_table
+from pipeline.shards import ShardRows, hf_images, hf_metadata, metadata_table
 
 
 def split_rejected(good: ShardRows, min_clip_score: float | None) -> tuple[ShardRows, ShardRows]:
@@ -34,4 +34,5 @@ def rejected_table(rows: ShardRows, settings: dict, image_format: str) -> pa.Tab
     for name in (C.IMAGE_EMB, C.TEXT_EMB, C.CLIP_IMAGE_EMB):
         values = rows.tensor(name).astype(np.float32)  # (N, D)
         table = table.append_column(name, pa.FixedSizeListArray.from_arrays(values.reshape(-1), values.shape[1]))
-    return table
+    # By this metadata Hugging Face datasets decode the image column as an Image, not as a dict.
+    return table.replace_schema_metadata(hf_metadata({C.IMAGE: {"_type": "Image"}}))

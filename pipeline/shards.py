@@ -67,9 +67,17 @@ _HF_FEATURES = {
     C.PROMPT: {"dtype": "string", "_type": "Value"},
     C.SEED: {"dtype": "int64", "_type": "Value"},
 }
+
+
+def hf_metadata(features: dict[str, dict]) -> dict[str, str]:
+    """Parquet schema metadata by which Hugging Face datasets read these columns' features; the features of
+    columns it leaves out follow from their Arrow types."""
+    return {"huggingface": json.dumps({"info": {"features": features}})}
+
+
 HF_SCHEMA = pa.schema(
     [(C.IMAGE, HF_IMAGE_TYPE), (C.KEY, pa.string()), (C.PROMPT, pa.string()), (C.SEED, pa.int64())],
-    metadata={"huggingface": json.dumps({"info": {"features": _HF_FEATURES}})},
+    metadata=hf_metadata(_HF_FEATURES),
 )
 
 # Keys become file names: a dot would split webdataset's key from the extension, a slash would make a folder;

@@ -326,6 +326,27 @@ def test_output_that_cannot_be_written(tmp_path, ray_local, tiny_model):
     assert_usage_error(result, f"error: cannot write to the output folder {blocker / 'out'}: ")
 
 
+def test_model_behind_a_storage_whose_client_fails_with_its_own_errors(tmp_path):
+    """hf:// and https:// filesystems raise their HTTP client's errors (huggingface_hub's httpx ConnectError is no
+    OSError) when the host cannot be reached: one line, exit 2, as for any unreadable model."""
+    import fsspec
+
+    class ConnectError(Exception):  # as an HTTP client defines it: not an OSError
+        pass
+
+    class Unreachable(fsspec.AbstractFileSystem):
+        protocol = "unreachable"
+
+        def cat_file(self, path, start=None, end=None, **kwargs):
+            raise ConnectError("[Errno -2] Name or service not known")
+
+    fsspec.register_implementation("unreachable", Unreachable, clobber=True)
+    table = write_table(tmp_path / "t.parquet", prompt=["a cat"])
+    result = karlo(str(table), str(tmp_path / "out"), "--model", "unreachable://hub/karlo", *FEW_STEPS)
+    assert_usage_error(result, "error: cannot read the model at unreachable://hub/karlo: ConnectError: [Errno -2] "
+                               "Name or service not known", tmp_path / "out")
+
+
 def test_model_that_does_not_exist(tmp_path):
     table = write_table(tmp_path / "t.parquet", prompt=["a cat"])
     result = karlo(str(table), str(tmp_path / "out"), "--model", str(tmp_path / "nowhere"), *FEW_STEPS)

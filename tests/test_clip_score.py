@@ -204,6 +204,11 @@ def test_scores_and_filtering_through_the_pipeline(tmp_path, ray_local, tiny_mod
         assert r["clip_score"] == pytest.approx(scores[i], abs=1e-3) and r["clip_score"] < threshold
         assert np.asarray(Image.open(io.BytesIO(r["image"]["bytes"]))).shape == (256, 256, 3)
         assert len(r["img_emb"]) == len(r["text_emb"]) == len(r["clip_img_emb"]) == 32
+    import datasets
+
+    files = sorted(str(p) for p in (out / "rejected").glob("rejected_*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
+    assert isinstance(ds.features["image"], datasets.Image) and ds[0]["image"].size == (256, 256)
     assert sum(m["rejected"] for m in o.markers) == len(expected_rejected)
     assert o.manifest["counts"]["rejected"] == len(expected_rejected)
     assert o.manifest["clip_score"] == {"model": tiny_variations_model, "layout": "image-variations repo", "dim": 32,

@@ -201,9 +201,9 @@ def test_generate_prints_progress_lines_and_the_summary(generated_run):
 
 def test_rows_past_the_last_stage_show_before_their_shard_commits():
     p = Progress(total=8, baseline=Tally(rows=2), started=0.0)
-    # 3 more rows generated in 30 s, none committed yet: the ETA follows them (3 rows / 30 s, 3 left).
+    # 3 more rows generated in 30 s, none committed yet: the rate and the ETA follow them (3 rows / 30 s, 3 left).
     line = p.line(Tally(rows=2), now=30.0, generated=3)
-    assert line == "[karlo] 2/8 rows (25.0%) | 5 generated | 0.000 img/s | ETA 30s | 0 errors"
+    assert line == "[karlo] 2/8 rows (25.0%) | 5 generated | 0.100 img/s | ETA 30s | 0 errors"
     # A batch retried after its actor died may be counted twice: never more than the input.
     assert "| 8 generated |" in p.line(Tally(rows=2), now=30.0, generated=9)
     # Commits ahead of the count (e.g. rows of an error shard): the ETA follows the commits.

@@ -24,6 +24,7 @@ from jobs.sweep.runner import expand_prompts
 from jobs.sweep.spec import load_spec, parse_spec, points
 from jobs.sweep.summary import markdown, summarize
 from pipeline.config import ConfigError
+from pipeline.schema import derive_seed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,8 +108,13 @@ def test_expand_prompts(tmp_path):
     derived = t["prompt_key"][3]
     assert t["prompt"] == ["a cat"] * 3 + ["a dog"] * 3 and t["extra"] == [1] * 3 + [2] * 3
     assert t["id"] == ["cat-0", "cat-1", "cat-2", f"{derived}-0", f"{derived}-1", f"{derived}-2"]
-    assert t["seed"] == [5, 6, 7, None, None, None] and t["sample_index"] == [0, 1, 2] * 2
+    assert t["seed"] == [5, derive_seed(5, "cat-1"), derive_seed(5, "cat-2"), None, None, None]
+    assert t["sample_index"] == [0, 1, 2] * 2
     assert t["prompt_key"][:3] == ["cat"] * 3
+    # Rows seeded 1 and 2: no copy of one shares the seed of a copy of the other (seed + i would, 1 + 1 = 2 + 0).
+    write_table(tmp_path / "near" / "n.parquet", prompt=["a", "b"], id=["a", "b"], seed=[1, 2])
+    near = pq.read_table(Path(expand_prompts(str(tmp_path / "near"), 4, str(tmp_path / "n4"))) / "n.parquet")
+    assert len(set(near.column("seed").to_pylist())) == 8
     write_table(tmp_path / "bad" / "b.parquet", prompt=["a"], id=[""])
     with pytest.raises(ConfigError, match="b.parquet row 0: id is empty"):
         expand_prompts(str(tmp_path / "bad"), 2, str(tmp_path / "y"))

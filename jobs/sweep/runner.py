@@ -26,7 +26,7 @@ from pipeline.outputs import is_finished, output_filesystem, read_manifest
 from pipeline.reader import InputError, plan_inputs
 from pipeline.redact import display_url
 from pipeline.run import OutputConflict, init_ray, run
-from pipeline.schema import SEED_LIMIT, make_key
+from pipeline.schema import SEED_LIMIT, derive_seed, make_key
 from pipeline.sinks import open_atomic, write_json_atomic
 
 from .spec import SWEEP_FILE, SweepSpec, points, run_config
@@ -42,7 +42,9 @@ def expand_prompts(url: str, samples: int, dest: str) -> str:
     """Write a copy of the prompt table(s) at ``url`` with ``samples`` rows per row into ``dest``; returns dest.
 
     Copy i of a row gets the id ``<key>-<i>`` (key: the row's id, or the key the pipeline derives for it) and,
-    when the row has a seed, seed + i; rows without a seed get distinct seeds from their distinct keys. An id or
+    when the row has a seed, that seed for copy 0 (the image a one-sample point makes) and a seed derived from the
+    seed and the copy's id for the others: ``seed + i`` would give rows seeded 1 and 2 the same noise for copies
+    1 and 0. Rows without a seed get distinct seeds from their distinct ids. An id or
     seed the pipeline would reject is refused here, since its copies could not be told apart.
     """
     plan = plan_inputs(url)
@@ -67,7 +69,8 @@ def expand_prompts(url: str, samples: int, dest: str) -> str:
                 raise ConfigError(f"seeds_per_prompt: {where}: seed must be an integer in [0, 2**63), got {seed!r}")
             keys += [key] * samples
             new_ids += [f"{key}-{i}" for i in range(samples)]
-            new_seeds += [None if seed is None else (seed + i) % SEED_LIMIT for i in range(samples)]
+            new_seeds += [None if seed is None else seed if i == 0 else derive_seed(seed, new_ids[-samples + i])
+                          for i in range(samples)]
         take = pa.array([row for row in range(table.num_rows) for _ in range(samples)], pa.int64())
         out = table.take(take)
         out = _set(out, C.ID, pa.array(new_ids, pa.string()))
