@@ -206,9 +206,12 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
     started = time.time()
     p = plan_run(cfg)
     fs, root = output_filesystem(cfg.output_url, cfg.storage_options)
-    previous = _previous_run(cfg, fs, root, p.identity)
-    if previous is not None and len(committed_keys(cfg.output_url, cfg.storage_options)) >= p.input.total_rows:
-        return _attempt(p, fs, root, started, echo, reservation=None)  # every row committed: nothing needs Ray
+    previous, replace = _previous_run(cfg, fs, root, p.identity)
+    # Rows committed by earlier attempts (none once another run's files are replaced); removing uncommitted files
+    # before the attempt does not change them.
+    done = set() if replace else committed_keys(cfg.output_url, cfg.storage_options)
+    if previous is not None and len(done) >= p.input.total_rows:  # every row committed: nothing needs Ray
+        return _attempt(p, fs, root, started, echo, previous, replace, done, reservation=None)
     # Before OUTPUT is touched: a run that cannot be placed must not leave a manifest that refuses the fixed rerun.
     try:
         init_ray(echo)
@@ -218,58 +221,58 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
     with reserved(cfg.stages, timeout=cfg.placement_timeout, echo=echo) as reservation:
         check_resources(cfg)
         check_run_paths(cfg, p.input)
-        return _attempt(p, fs, root, started, echo, reservation, progress_interval)
+        return _attempt(p, fs, root, started, echo, previous, replace, done, reservation, progress_interval)
 
 
-def _previous_run(cfg: RunConfig, fs: Any, root: str, identity: dict[str, Any]) -> dict[str, Any] | None:
-    """The manifest of the run OUTPUT holds, if it is this run (same input, model and settings); another run is
-    refused (OutputConflict) unless ``cfg.overwrite``. Reads only."""
+def _previous_run(cfg: RunConfig, fs: Any, root: str,
+                  identity: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
+    """(the manifest of the run OUTPUT holds if it is this run (same input, model and settings), whether OUTPUT
+    holds another run to replace); another run is refused (OutputConflict) unless ``cfg.overwrite``. Reads only."""
     try:
         previous = read_manifest(fs, root)
     except OSError as e:  # a folder the run cannot read is one it cannot write to either: one message for both
         raise OutputError(f"cannot write to the output folder {display_url(cfg.output_url)}: "
                           f"{storage_error(e, cfg.storage_options)}") from None
     if previous is None:
-        return None
+        return None, False
     diff = identity_changes(previous, identity)
     if diff and not cfg.overwrite:
         raise OutputConflict(
             f"{display_url(cfg.output_url)} already holds a run with different settings ({diff}). Use a fresh "
             "OUTPUT, or --overwrite to delete that run's files first."
         )
-    return None if diff else previous
+    return (None, True) if diff else (previous, False)
 
 
-def _open_output(cfg: RunConfig, fs: Any, root: str, identity: dict[str, Any]) -> dict[str, Any] | None:
-    """Make OUTPUT ready to write: created and checked writable, and with ``--overwrite`` another run's files
-    deleted; returns this run's previous manifest, if any."""
+def _open_output(cfg: RunConfig, fs: Any, root: str, replace: bool) -> None:
+    """Make OUTPUT ready to write: created and checked writable, and with ``replace`` (``--overwrite`` of another
+    run) that run's files deleted."""
     try:
         fs.makedirs(root, exist_ok=True)
         check_writable(fs, root)
     except OSError as e:
         reason = storage_error(e, cfg.storage_options)
         raise OutputError(f"cannot write to the output folder {display_url(cfg.output_url)}: {reason}") from None
-    previous = _previous_run(cfg, fs, root, identity)
-    if previous is None and read_manifest(fs, root) is not None:  # another run's, and --overwrite
+    if replace:
         for folder in RUN_FOLDERS:
             if fs.exists(f"{root}/{folder}"):
                 fs.rm(f"{root}/{folder}", recursive=True)
         for name in (MANIFEST, SUCCESS):
             if fs.exists(f"{root}/{name}"):
                 fs.rm(f"{root}/{name}")
-    return previous
 
 
 def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str], None],
-             reservation: Reservation | None, progress_interval: float = 0.0) -> RunSummary:
-    """One attempt at the rows not yet committed: OUTPUT opened, the dataset executed if rows remain, the
-    summary and the closed manifest."""
+             previous: dict[str, Any] | None, replace: bool, done: set[str], reservation: Reservation | None,
+             progress_interval: float = 0.0) -> RunSummary:
+    """One attempt at the rows not in ``done``: OUTPUT opened (``previous``: this run's manifest, ``replace``:
+    another run's files to delete first), the dataset executed if rows remain, the summary and the closed
+    manifest."""
     cfg = p.cfg
-    previous = _open_output(cfg, fs, root, p.identity)
+    _open_output(cfg, fs, root, replace)
     removed = remove_uncommitted(cfg.output_url, cfg.storage_options)
     if removed:
         echo(f"removed {len(removed)} uncommitted file(s) left by an interrupted run")
-    done = committed_keys(cfg.output_url, cfg.storage_options)
     if done:
         echo(f"resuming: {len(done)} of {p.input.total_rows} rows are already committed")
     manifest = new_manifest(p.identity, previous, input_rows=p.input.total_rows, bad_files=p.input.bad_files,
