@@ -2,7 +2,7 @@
 
 from .config import ConfigError, KarloConfig
 from .fastpath import DTYPES
-from .karlo import Guidance, Karlo, KarloOutput, PriorResult
+from .karlo import DecoderResult, Guidance, Karlo, KarloOutput, PriorResult
 from .presets import preset
 from .repo import VARIATIONS_PIPELINE, read_configs
 from .text import MAX_LENGTH, TextEncoding
@@ -18,6 +18,7 @@ __all__ = [
     "Karlo",
     "KarloConfig",
     "KarloOutput",
+    "DecoderResult",
     "PriorResult",
     "TextEncoding",
     "WeightsError",

@@ -18,14 +18,14 @@ from typing import Sequence, TypeVar
 import numpy as np
 import torch
 
-from . import clip_vision
+from . import clip_vision, img2img
 from . import text as text_lib
 from .config import KarloConfig
 from .fastpath import apply_fast_path, fast_by_default, network_call, state_dtype
 from .noise import draw_noise, generator_states, generators_from_seeds, generators_from_states
 from .prior import PriorTransformer
 from .repo import clip_tokenizer, fetch_stages, load_modules, random_modules, read_repo_configs
-from .sampling import Guidance, cfg_denoiser, sample_loop, to_uint8, upsample
+from .sampling import Guidance, cfg_denoiser, per_row, sample_loop, to_uint8, upsample
 from .scheduler import UnCLIPSchedule
 from .text import TextEncoding
 from .text_proj import TextProjection
@@ -209,8 +209,13 @@ class Karlo:
         *,
         steps: int = 25,
         latents: torch.Tensor | None = None,  # (B, 3, h, w) starting noise; drawn with the generators if None
+        init_images: torch.Tensor | None = None,  # (B, 3, h, w) in [-1, 1] (karlo_model.img2img.init_image_tensor)
+        strength: Sequence[float] | None = None,  # (B,) in (0, 1]; 1 for rows without an init image
     ) -> torch.Tensor:
-        """Text projection + 64 px decoder sampling. -> (B, 3, h, w) in [-1, 1]."""
+        """Text projection + 64 px decoder sampling. -> (B, 3, h, w) in [-1, 1].
+
+        With ``init_images`` and ``strength``, image-to-image: a row of strength s < 1 runs the last
+        floor(s * steps) steps, starting from its init image noised to where they begin (karlo_model.img2img)."""
         text_proj = _loaded(self.text_proj, "text_proj")
         decoder = _loaded(self.decoder, "decoder")
         net = self._network(decoder)
@@ -239,7 +244,13 @@ class Karlo:
             fn = lambda x, t: net(x, t, **cond)  # noqa: E731
         size = decoder.cfg.sample_size
         x = self._start(latents, generators, (channels, size, size))
-        return sample_loop(fn, self.decoder_schedule, x, generators, steps).clamp(-1, 1)
+        start = None
+        if init_images is not None:
+            if strength is None or len(strength) != b or init_images.shape != x.shape:
+                raise ValueError(f"image-to-image needs {b} strengths and init images of shape {tuple(x.shape)}")
+            start = img2img.start_steps(strength, steps)
+            x = img2img.noised_start(self.decoder_schedule, steps, init_images.to(self.device), x, start)
+        return sample_loop(fn, self.decoder_schedule, x, generators, steps, start=start).clamp(-1, 1)
 
     @torch.no_grad()
     def run_super_res(
@@ -365,11 +376,15 @@ class Karlo:
         steps: int = 25,
         prior_guidance_scale: float | Sequence[float] = 4.0,
         decoder_guidance_scale: float | Sequence[float] = 8.0,
+        init_images: Sequence[np.ndarray | None] | None = None,  # (H, W, 3) uint8 each, None: text-to-image
+        strength: Sequence[float] | None = None,  # (B,); ignored (1) for rows without an init image
     ) -> DecoderResult:
         gens = generators_from_states(rng_state)
         guidance = Guidance.of(prior_guidance_scale, decoder_guidance_scale, len(gens))
+        init, strength = self._init_images(init_images, strength)
         image_64 = self.run_decoder(
-            self._tensor(image_embeds), self._to_device(text), self._to_device(negative), gens, guidance, steps=steps
+            self._tensor(image_embeds), self._to_device(text), self._to_device(negative), gens, guidance, steps=steps,
+            init_images=init, strength=strength,
         )
         return DecoderResult(image_64, generator_states(gens))
 
@@ -380,6 +395,19 @@ class Karlo:
         gens = generators_from_states(rng_state)
         image = self._tensor(image_64, self.state_dtype)  # upsampled before the networks see it: keep its precision
         return to_uint8(self.run_super_res(image, gens, steps=steps)).cpu().numpy()
+
+    def _init_images(
+        self, images: Sequence[np.ndarray | None] | None, strength: float | Sequence[float] | None
+    ) -> tuple[torch.Tensor | None, list[float] | None]:
+        """Init images (None for a row without one) -> ((B, 3, h, w) in [-1, 1], (B,) strengths, 1 where there is no
+        image), or (None, None) when no row has an image."""
+        if images is None or all(image is None for image in images):
+            return None, None
+        n = len(images)
+        values = per_row(1.0 if strength is None else strength, n, "strength").tolist()
+        strength = [s if image is not None else 1.0 for s, image in zip(values, images)]
+        size = _loaded(self.decoder, "decoder").cfg.sample_size
+        return img2img.init_image_tensor(images, size).to(self.state_dtype), strength
 
     def text_encoding(self, embeds, hidden, mask, truncated=None) -> TextEncoding:
         """Rebuild a TextEncoding from arrays handed over by another process."""
@@ -413,12 +441,15 @@ class Karlo:
         decoder_guidance_scale: float | Sequence[float] = 8.0,
         negative_prompts: Sequence[str] | None = None,
         prior_latents: torch.Tensor | None = None,  # (B, D)
-        decoder_latents: torch.Tensor | None = None,  # (B, 3, 64, 64); image-to-image starts from a noised image
+        decoder_latents: torch.Tensor | None = None,  # (B, 3, 64, 64)
         super_res_latents: torch.Tensor | None = None,  # (B, 3, 256, 256)
+        init_images: Sequence[np.ndarray | None] | None = None,  # image-to-image: (H, W, 3) uint8, None per row
+        strength: float | Sequence[float] = 1.0,  # of the init images, in (0, 1]
     ) -> KarloOutput:
         """Text -> 256 px images. Row i uses only seeds[i]: the same as
         diffusers' UnCLIPPipeline(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds]). Starting
-        latents, when given, replace the draws from the generators, as diffusers' ``*_latents`` arguments do."""
+        latents, when given, replace the draws from the generators, as diffusers' ``*_latents`` arguments do.
+        With ``init_images``, a row that has one is image-to-image at its ``strength`` (``run_decoder``)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         gens = generators_from_seeds(seeds)
@@ -426,17 +457,19 @@ class Karlo:
         text, negative, image_embeds = self.run_prior(
             prompts, gens, guidance, steps=prior_steps, negative_prompts=negative_prompts, latents=prior_latents
         )
+        init, strength = self._init_images(init_images, strength)
         return self._decode(image_embeds, text, negative, gens, guidance, decoder_steps, super_res_steps,
-                            decoder_latents, super_res_latents)
+                            decoder_latents, super_res_latents, init, strength)
 
     def _decode(
         self, image_embeds: torch.Tensor, text: TextEncoding, negative: TextEncoding, gens: list[torch.Generator],
         guidance: Guidance, decoder_steps: int, super_res_steps: int, decoder_latents: torch.Tensor | None,
-        super_res_latents: torch.Tensor | None,
+        super_res_latents: torch.Tensor | None, init_images: torch.Tensor | None = None,
+        strength: list[float] | None = None,
     ) -> KarloOutput:
         """Decoder and super-resolution from CLIP image embeddings: the common end of generate and variations."""
         image_64 = self.run_decoder(image_embeds, text, negative, gens, guidance, steps=decoder_steps,
-                                    latents=decoder_latents)
+                                    latents=decoder_latents, init_images=init_images, strength=strength)
         images = to_uint8(self.run_super_res(image_64, gens, steps=super_res_steps, latents=super_res_latents))
         return KarloOutput(
             images=images.cpu().numpy(),

@@ -23,25 +23,37 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def sample_loop(
     fn: Denoiser,
     schedule: UnCLIPSchedule,
-    x: torch.Tensor,  # (B, ...) x_T, the starting noise
+    x: torch.Tensor,  # (B, ...) the starting latents: x_T, or each row's x_t at its start (image-to-image)
     generators: Sequence[torch.Generator],  # one per row, for the noise of each step
     steps: int,
     *,
     pick: Callable[[int], Denoiser] | None = None,  # per-step denoiser choice (super-res switches at the end)
+    start: Sequence[int] | None = None,  # (B,) the step each row starts at (karlo_model.img2img); None: all 0
 ) -> torch.Tensor:
-    """Ancestral DDPM sampling on the respaced chain of ``steps`` steps, from ``x``. -> x_0, shaped as ``x``."""
+    """Ancestral DDPM sampling on the respaced chain of ``steps`` steps, from ``x``. -> x_0, shaped as ``x``.
+
+    With ``start``, row j takes only the steps from ``start[j]`` on: the network runs from the earliest start,
+    and a step updates (and draws the noise of) the rows that have begun, so each row's chain and generator
+    advance exactly as they would alone."""
     timesteps = schedule.timesteps(steps)
+    first = 0 if start is None else min(start)
     # One copy of the whole chain: a scalar tensor made on a GPU every step would wait for the queued work.
     on_device = torch.tensor(timesteps, device=x.device)
-    for i, t in enumerate(timesteps):
+    for i in range(first, len(timesteps)):
+        t = timesteps[i]
         step_fn = pick(i) if pick is not None else fn
         out = step_fn(x, on_device[i])
         prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else None
-        x = schedule.step(out, t, prev_t, x, generators)
+        if start is None or all(s <= i for s in start):
+            x = schedule.step(out, t, prev_t, x, generators)
+        else:
+            begun = [j for j, s in enumerate(start) if s <= i]
+            rows = torch.tensor(begun, device=x.device)
+            x = x.index_copy(0, rows, schedule.step(out[rows], t, prev_t, x[rows], [generators[j] for j in begun]))
     return x
 
 
-def _per_row(value: float | Sequence[float], n: int, name: str) -> torch.Tensor:
+def per_row(value: float | Sequence[float], n: int, name: str) -> torch.Tensor:
     """A scalar or one value per row -> (n,) float32."""
     t = torch.as_tensor(value, dtype=torch.float32).flatten()
     if t.numel() == 1:
@@ -61,7 +73,7 @@ class Guidance:
 
     @classmethod
     def of(cls, prior: float | Sequence[float], decoder: float | Sequence[float], n: int) -> "Guidance":
-        return cls(_per_row(prior, n, "prior_guidance_scale"), _per_row(decoder, n, "decoder_guidance_scale"))
+        return cls(per_row(prior, n, "prior_guidance_scale"), per_row(decoder, n, "decoder_guidance_scale"))
 
     @property
     def enabled(self) -> torch.Tensor:  # (B,) bool

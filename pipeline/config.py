@@ -171,7 +171,7 @@ class RunConfig:
     device: str = "cpu"
     dtype: str = "float32"
     overwrite: bool = False
-    skip_networks: bool = False  # measurement mode: synthetic stage outputs, real encoding and writes
+    skip_networks: bool = False  # measurement mode: the networks stood in for (pipeline.measurement)
     task: str = "generate"  # or "variations": INPUT holds images (pipeline.variations)
     image_column: str = "image"  # variations: the column of image bytes, HF Image structs, or paths/URLs
     clip_score: bool = False  # score each image with a CLIP vision tower (pipeline.scoring)

@@ -26,6 +26,7 @@ from karlo_model.weights import local_repo, read_json
 from . import columns as C
 from .actors import StageActor
 from .config import ConfigError, RunConfig
+from .measurement import MeasurementVisionEncoder
 from .redact import display_url
 from .stages import Batch, Stage
 
@@ -90,8 +91,9 @@ class ClipScoreStage(Stage):
     def load(self, model: str, *, device: str, dtype: str, storage_options: dict | None, skip_networks: bool) -> None:
         self.device, self.dtype = torch.device(device), DTYPES[dtype]
         self.tower = find_tower(model, storage_options, weights=not skip_networks)
-        self.model = None
-        if not skip_networks:
+        if skip_networks:
+            self.model = MeasurementVisionEncoder(self.tower.dim)
+        else:
             encoder = clip_vision.load_vision_encoder(self.tower.config, self.tower.weights_dir)
             self.model = encoder.to(self.device, self.dtype).eval().requires_grad_(False)
 

@@ -21,6 +21,7 @@ from karlo_model import DTYPES, MAX_LENGTH, Karlo, KarloConfig, PriorResult, Tex
 from . import columns as C
 from . import faults
 from .actors import StageActor
+from .measurement import MeasurementKarlo
 from .redact import redact, secret_values
 
 logger = logging.getLogger(__name__)
@@ -59,25 +60,18 @@ class Stage:
         self.load(model, device=device, dtype=dtype, storage_options=storage_options, skip_networks=skip_networks)
 
     def load(self, model: str, *, device: str, dtype: str, storage_options: dict | None, skip_networks: bool) -> None:
-        """Load the stage's networks once per actor (set ``self.model``; None in measurement mode)."""
+        """Load the stage's networks once per actor into ``self.model`` (in measurement mode, their stand-in)."""
         if skip_networks:
-            # Measurement mode: the data plane alone (transfers, encoding, writes) with the networks replaced by
-            # synthetic outputs of the right shapes.
-            self.model = None
-            self.config = read_configs(model, storage_options)
+            self.model = MeasurementKarlo(read_configs(model, storage_options))
         else:
             self.model = Karlo.from_pretrained(
                 model, device=device, dtype=DTYPES[dtype], stages=self.components, storage_options=storage_options
             )
-            self.config = self.model.config
+        self.config = self.model.config
 
     def run(self, batch: Batch) -> Batch:
         """The stage's outputs for rows that are all good."""
         raise NotImplementedError
-
-    def synthetic(self, batch: Batch) -> Batch:
-        """Measurement-mode outputs: as cheap as possible, with the real shapes."""
-        return self.empty(len(batch[C.KEY]))
 
     def empty(self, n: int) -> Batch:
         """Zero-filled outputs for n error rows."""
@@ -107,10 +101,9 @@ class Stage:
         """Yield (rows, outputs or exception): the whole batch, or row by row after a failure."""
         if len(rows) == 0:
             return
-        compute = self.run if self.model is not None else self.synthetic
         try:
             faults.inject(self.name, np.asarray(batch[C.KEY])[rows])
-            yield rows, compute(_take(batch, self.inputs, rows))
+            yield rows, self.run(_take(batch, self.inputs, rows))
             return
         except Exception as e:  # noqa: BLE001 - any failure becomes per-row errors below
             if len(rows) == 1:
@@ -233,7 +226,7 @@ class SuperResStage(Stage):
 
     name = "super_res"
     components = ("super_res",)
-    inputs = (C.KEY, C.SEED, C.IMAGE_64, C.RNG_STATE)
+    inputs = (C.KEY, C.IMAGE_64, C.RNG_STATE)
     outputs = (C.IMAGE,)
     consumes = (C.IMAGE_64, C.RNG_STATE)
 
@@ -243,15 +236,6 @@ class SuperResStage(Stage):
     def empty(self, n: int) -> Batch:
         size = self.config.image_size
         return {C.IMAGE: np.zeros((n, size, size, 3), np.uint8)}
-
-    def synthetic(self, batch: Batch) -> Batch:
-        """Uniform noise images, like a random-weight model's, so image encoding costs what it really costs."""
-        size = self.config.image_size
-        seeds = batch[C.SEED]
-        images = np.empty((len(seeds), size, size, 3), np.uint8)
-        for i, seed in enumerate(seeds):
-            images[i] = np.random.default_rng(int(seed)).integers(0, 256, (size, size, 3), np.uint8)
-        return {C.IMAGE: images}
 
 
 class PriorActor(StageActor):

@@ -50,10 +50,10 @@ def test_stage_error_rows_and_logs_carry_no_credentials(tiny_model, monkeypatch,
     stage = PriorStage(tiny_model, steps=2, skip_networks=True,
                        storage_options={"client_kwargs": {"aws_session_token": TOKEN}})
 
-    def fail(batch):
+    def fail(*args, **kwargs):
         raise OSError(f"GET https://bob:{PASSWORD}@models.example/x: signed with {SECRET} and {TOKEN}")
 
-    monkeypatch.setattr(stage, "synthetic", fail)
+    monkeypatch.setattr(stage.model, "prior_stage", fail)
     batch = {
         C.KEY: np.array(["k0", "k1"], dtype=object),
         C.PROMPT: np.array(PROMPTS[:2], dtype=object),
