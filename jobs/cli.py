@@ -21,6 +21,7 @@ from pipeline.config import (
     OUTPUT_FORMATS,
     PRIOR_GUIDANCE_SCALE,
     PRIOR_STEPS,
+    STRENGTH,
     SUPER_RES_STEPS,
     ConfigError,
     RunConfig,
@@ -92,12 +93,16 @@ def _run_options(command):
 @click.option("--super-res-steps", default=SUPER_RES_STEPS, show_default=True, type=int)
 @click.option("--prior-guidance-scale", default=PRIOR_GUIDANCE_SCALE, show_default=True, type=float)
 @click.option("--decoder-guidance-scale", default=DECODER_GUIDANCE_SCALE, show_default=True, type=float)
+@click.option("--strength", default=None, type=click.FloatRange(0, 1, min_open=True), metavar="S",
+              help=f"Image-to-image: the denoising strength of rows with an init_image and no strength of their own "
+                   f"(1 = the whole decoder chain from noise, lower keeps more of the image). Default: {STRENGTH}.")
 @_run_options
 def generate(input_url, output_url, model, stage_config, device, dtype, progress_interval, **settings) -> None:
     """Generate one image per row of the prompt table(s) at INPUT_URL into OUTPUT_URL.
 
     INPUT_URL: a Parquet file, folder or glob (local, s3://, gs://, ...) with a `prompt` column and optional
-    `id`, `seed`, `negative_prompt`, `prior_guidance_scale`, `decoder_guidance_scale` columns.
+    `id`, `seed`, `negative_prompt`, `prior_guidance_scale`, `decoder_guidance_scale` columns, and for
+    image-to-image `init_image` (image bytes, Hugging Face Image structs or paths/URLs) and `strength`.
     Rerunning the same command resumes an interrupted run. S3-compatible endpoints and credentials come from
     the usual settings (AWS_ENDPOINT_URL and AWS_* variables, FSSPEC_S3_* variables, ~/.config/fsspec).
     """

@@ -43,13 +43,20 @@ RNG_STATE = "__rng_state"  # (B, S) uint8, each row's torch.Generator state afte
 SOURCE_IMAGE = "__source_image"  # bytes of the encoded input image
 SOURCE_IMAGE_PATH = "source_image"  # str or null: the input image's path or URL, or the name stored with its bytes
 
+# Image-to-image (pipeline.init_images): input columns of prompt tables, and what prepare makes of them.
+INIT_IMAGE_INPUT = "init_image"  # bytes, Hugging Face Image struct or path/URL; null: text-to-image
+STRENGTH = "strength"  # float in (0, 1] or null (the run's --strength); written: null for text-to-image rows
+INIT_IMAGE = "__init_image"  # bytes of the encoded init image, b"" for none
+INIT_IMAGE_PATH = "init_image_path"  # str or null: the init image's path or URL, or the name stored with its bytes
+DECODER_STEPS_RUN = "decoder_steps_run"  # int: the decoder steps the row ran (fewer than decoder_steps below 1)
+
 # Added by the optional CLIP score stage (pipeline.scoring).
 CLIP_IMAGE_EMB = "clip_img_emb"  # (B, P) float32, L2-normalised CLIP embedding of the generated image
 CLIP_SCORE = "clip_score"  # float32, cosine of clip_img_emb with the reference embedding (the prompt's text_emb)
 
 # Columns a user table may not carry, because the pipeline writes them.
 RESERVED = (SOURCE, SOURCE_ROW, KEY, PROMPT_TRUNCATED, ERROR, ERROR_STAGE, TEXT_EMB, IMAGE_EMB, IMAGE,
-            SOURCE_IMAGE_PATH, CLIP_IMAGE_EMB, CLIP_SCORE)
+            SOURCE_IMAGE_PATH, INIT_IMAGE_PATH, DECODER_STEPS_RUN, CLIP_IMAGE_EMB, CLIP_SCORE)
 
 
 def is_internal(name: str) -> bool:

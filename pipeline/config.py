@@ -31,6 +31,7 @@ OUTPUT_FORMATS = ("webdataset", "parquet")
 PRIOR_STEPS, DECODER_STEPS, SUPER_RES_STEPS = 25, 25, 7
 DEFAULT_STEPS = (PRIOR_STEPS, DECODER_STEPS, SUPER_RES_STEPS)  # prior, decoder, super-res
 PRIOR_GUIDANCE_SCALE, DECODER_GUIDANCE_SCALE = 4.0, 8.0
+STRENGTH = 0.8  # of init images whose row and run give none (diffusers' img2img default)
 
 # GPU shares follow each stage's compute per image (docs/gpu.md: SR 61%, decoder 31%, prior 8%), so
 # one GPU shared by the pools spends its time where the work is. The image encoder of variations stands in for the
@@ -177,6 +178,7 @@ class RunConfig:
     clip_score: bool = False  # score each image with a CLIP vision tower (pipeline.scoring)
     clip_model: str | None = None  # the tower: None picks the run's own (pipeline.scoring.clip_model_for)
     min_clip_score: float | None = None  # rows scoring below go to rejected/
+    strength: float | None = None  # image-to-image: of init images whose row gives none (None: STRENGTH)
     stages: dict[str, StageConfig] = field(default_factory=dict)
     placement_timeout: float = 0.0  # seconds to wait for GPUs the cluster lacks or has busy (pipeline.placement)
     storage_options: dict = field(default_factory=dict, repr=False)  # may hold credentials: never printed
@@ -202,6 +204,9 @@ class RunConfig:
         _check(self.min_clip_score is None or (_is_number(self.min_clip_score) and -1 <= self.min_clip_score <= 1),
                "min_clip_score is a cosine: a number in [-1, 1]")
         _check(self.clip_model is None or self.clip_score, "clip_model needs clip_score")
+        _check(self.strength is None or (_is_number(self.strength) and 0 < self.strength <= 1),
+               "strength must be a number in (0, 1]")
+        _check(self.strength is None or self.task == "generate", "strength is for generate with init images")
         _check(_is_number(self.placement_timeout) and 0 <= self.placement_timeout < float("inf"),
                "placement_timeout must be a finite number of seconds >= 0")
         unknown = set(self.stages) - set(ALL_STAGE_NAMES)
@@ -239,6 +244,8 @@ class RunConfig:
         if self.task == "variations":
             del settings["prior_steps"], settings["prior_guidance_scale"]  # no prior
             settings.update(task=self.task, image_column=self.image_column)
+        if self.strength is not None:
+            settings["strength"] = self.strength
         if self.clip_score:
             settings["clip_score"] = {"model": self.clip_model, "min_clip_score": self.min_clip_score}
         return settings

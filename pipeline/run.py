@@ -21,6 +21,7 @@ from .actors import add_stage
 from .config import ConfigError, RunConfig
 from .embedded import EmbeddedModel, default_model
 from .encode import ENCODE_CPUS, add_encode
+from .init_images import uses_init_images
 from .manifest import identity_changes, identity_of_run, model_identity, new_manifest, now
 from .outputs import (
     MANIFEST,
@@ -43,7 +44,7 @@ from .shards import unwritable_columns
 from .shared_paths import check_run_paths
 from .sinks import KarloDatasink, SinkResult, check_writable, remove_uncommitted, write_json_atomic
 from .stage_actors import STAGE_ACTORS, check_stage_columns
-from .tasks import Task, task_of
+from .tasks import Task, task_of, with_init_images
 from .variations import check_model_kind
 
 logger = logging.getLogger(__name__)
@@ -181,7 +182,9 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     if unwritable:
         raise InputError(f"{plan.url}: columns the metadata files cannot hold: {'; '.join(unwritable)}; drop or "
                          "convert them")
-    check_stage_columns(cfg.stages, task.prepared, task.clip_reference)
+    if uses_init_images(cfg, plan.schema):
+        task = with_init_images(task, cfg)
+    check_stage_columns(cfg.stages, task.prepared, task.stage_kwargs)
     model = cfg.model or task.embedded.path()
     model_id = model_identity(model, cfg.storage_options)
     check_model_kind(cfg.task, model_id)
@@ -326,11 +329,8 @@ def execute(p: RunPlan, done: set[str], sink: KarloDatasink, reservation: Reserv
                                        prepare=p.task.prepare, **p.task.prepare_settings))
     ledger = crashes.new_ledger()
     for name, stage in cfg.stages.items():
-        if name == "clip_score":
-            ds = add_stage(ds, STAGE_ACTORS[name], stage, cfg, p.clip_ref, ledger, reservation,
-                           reference=p.task.clip_reference)
-        else:
-            ds = add_stage(ds, STAGE_ACTORS[name], stage, cfg, p.model_ref, ledger, reservation)
+        model = p.clip_ref if name == "clip_score" else p.model_ref
+        ds = add_stage(ds, STAGE_ACTORS[name], stage, cfg, model, ledger, reservation, **p.task.stage_kwargs(name))
     if p.task.drop:
         ds = ds.drop_columns(list(p.task.drop), num_cpus=PREPARE_CPUS)
     # A write task assembles the encoded files of a shard and uploads them: light CPU work, mostly waiting on

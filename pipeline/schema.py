@@ -231,3 +231,17 @@ def prepare_and_skip(
     if len(done):
         table = table.filter(pc.invert(pc.is_in(table.column(C.KEY), value_set=done)))
     return table
+
+
+def with_row_problems(prepared: pa.Table, problems: list[str]) -> pa.Table:
+    """``prepared`` with each row's problem ("" for none) added to its error, as a prepare-stage error; a row the
+    reader could not decode keeps its read error alone (it has no values to complain of)."""
+    errors = prepared.column(C.ERROR).to_pylist()
+    stages = prepared.column(C.ERROR_STAGE).to_pylist()
+    for i, problem in enumerate(problems):
+        if problem and stages[i] != READ:
+            errors[i] = f"{errors[i]}; {problem}" if errors[i] else problem
+            stages[i] = PREPARE
+    prepared = prepared.set_column(prepared.schema.get_field_index(C.ERROR), C.ERROR, pa.array(errors, pa.string()))
+    return prepared.set_column(prepared.schema.get_field_index(C.ERROR_STAGE), C.ERROR_STAGE,
+                               pa.array(stages, pa.string()))

@@ -3,9 +3,9 @@ stage's module; see pipeline.actors.StageActor)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from . import columns as C
 from .actors import StageActor
 from .config import ConfigError
 from .scoring import ClipScoreActor
@@ -18,16 +18,16 @@ STAGE_ACTORS: dict[str, type[StageActor]] = {
 }
 
 
-def check_stage_columns(stages: Iterable[str], prepared: Iterable[str], reference: str) -> None:
+def check_stage_columns(stages: Iterable[str], prepared: Iterable[str],
+                        settings: Callable[[str], dict[str, Any]]) -> None:
     """Refuse, before any work, stages in an order where one reads a column that neither prepare
-    (``prepared``) nor an earlier stage makes: at run time that would be a bare KeyError in every batch. The CLIP
-    score stage reads its ``reference`` embedding column besides the image."""
+    (``prepared``) nor an earlier stage makes: at run time that would be a bare KeyError in every batch.
+    ``settings(name)`` are a stage's own settings, which may change what it reads (``Stage.reads``)."""
     stages = list(stages)
     have = set(prepared)
     for name in stages:
         stage = STAGE_ACTORS[name].stage_class
-        inputs = (C.KEY, C.IMAGE, reference) if name == "clip_score" else stage.inputs
-        missing = [c for c in inputs if c not in have]
+        missing = [c for c in stage.reads(**settings(name)) if c not in have]
         if missing:
             raise ConfigError(f"the {name} stage reads {', '.join(missing)}, which no step before it makes "
                               f"(stages in order: {', '.join(stages)})")

@@ -11,7 +11,7 @@ exception: one bad row never takes its batch, its actor or the run down.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from karlo_model import DTYPES, MAX_LENGTH, Karlo, KarloConfig, PriorResult, Tex
 from . import columns as C
 from . import faults
 from .actors import StageActor
+from .image_cells import decode_image
 from .measurement import MeasurementKarlo
 from .redact import redact, secret_values
 
@@ -68,6 +69,11 @@ class Stage:
                 model, device=device, dtype=DTYPES[dtype], stages=self.components, storage_options=storage_options
             )
         self.config = self.model.config
+
+    @classmethod
+    def reads(cls, **settings: Any) -> tuple[str, ...]:
+        """The columns the stage reads with its own ``settings`` (its __init__ keywords beyond the common ones)."""
+        return cls.inputs
 
     def run(self, batch: Batch) -> Batch:
         """The stage's outputs for rows that are all good."""
@@ -201,7 +207,24 @@ class DecoderStage(Stage):
     outputs = (C.IMAGE_64, C.RNG_STATE)
     consumes = (C.TEXT_HIDDEN, C.TEXT_MASK, C.NEG_TEXT_EMB, C.NEG_TEXT_HIDDEN, C.NEG_TEXT_MASK)
 
+    def __init__(self, model: str, *, init_images: bool = False, **kwargs: Any):
+        """``init_images``: image-to-image rows (pipeline.init_images) read their init image and strength."""
+        self.init_images = init_images
+        self.inputs = self.reads(init_images=init_images)
+        if init_images:
+            self.consumes = (*self.consumes, C.INIT_IMAGE)
+        super().__init__(model, **kwargs)
+
+    @classmethod
+    def reads(cls, *, init_images: bool = False) -> tuple[str, ...]:
+        return (*cls.inputs, C.INIT_IMAGE, C.STRENGTH) if init_images else cls.inputs
+
     def run(self, batch: Batch) -> Batch:
+        img2img = {}
+        if self.init_images:
+            # Decoded here (prepare checked them): encoded bytes travel between processes compactly.
+            img2img = dict(init_images=[decode_image(data) if data else None for data in batch[C.INIT_IMAGE]],
+                           strength=np.nan_to_num(np.asarray(batch[C.STRENGTH], np.float64), nan=1.0))
         r = self.model.decoder_stage(
             batch[C.IMAGE_EMB],
             _text(self.model, batch, (C.TEXT_EMB, C.TEXT_HIDDEN, C.TEXT_MASK)),
@@ -210,6 +233,7 @@ class DecoderStage(Stage):
             steps=self.steps,
             prior_guidance_scale=batch[C.PRIOR_GUIDANCE_SCALE],
             decoder_guidance_scale=batch[C.DECODER_GUIDANCE_SCALE],
+            **img2img,
         )
         return {C.IMAGE_64: _numpy(r.image_64), C.RNG_STATE: r.rng_state}
 

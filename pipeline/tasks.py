@@ -6,7 +6,7 @@ same code for both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import pyarrow as pa
@@ -14,6 +14,8 @@ import pyarrow as pa
 from . import columns as C
 from .config import RunConfig
 from .embedded import EmbeddedModel
+from .init_images import PREPARED as INIT_IMAGE_COLUMNS
+from .init_images import prepare_with_init_images
 from .schema import prepare_batch
 from .variations import image_column_check, prepare_images
 
@@ -37,6 +39,15 @@ class Task:
     clip_reference: str = C.TEXT_EMB
     # Columns the stages need but the outputs do not hold.
     drop: tuple[str, ...] = field(default=())
+    # Settings of the stages' own, by stage name (each stage's __init__ keywords; they may change what it reads).
+    stage_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def stage_kwargs(self, name: str) -> dict[str, Any]:
+        """The stage ``name``'s own settings in this task (the CLIP score stage's: its reference column)."""
+        kwargs = dict(self.stage_settings.get(name, {}))
+        if name == "clip_score":
+            kwargs["reference"] = self.clip_reference
+        return kwargs
 
 
 def task_of(cfg: RunConfig) -> Task:
@@ -65,4 +76,17 @@ def task_of(cfg: RunConfig) -> Task:
         prepared=PREPARED,
         embedded=EmbeddedModel(),
         row_settings={"prior_steps": cfg.prior_steps, **steps},
+    )
+
+
+def with_init_images(task: Task, cfg: RunConfig) -> Task:
+    """``generate`` for an input with init images (pipeline.init_images): prepare fetches and checks them, the
+    decoder starts from them."""
+    return replace(
+        task,
+        prepare=prepare_with_init_images,
+        prepare_settings=dict(**task.prepare_settings, strength=cfg.strength, decoder_steps=cfg.decoder_steps,
+                              storage_options=cfg.storage_options),
+        prepared=(*task.prepared, *INIT_IMAGE_COLUMNS),
+        stage_settings={**task.stage_settings, "decoder": {"init_images": True}},
     )

@@ -11,30 +11,22 @@ embedding and the encoding of "" as the text of both halves of guidance, exactly
 from __future__ import annotations
 
 import functools
-import io
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
 
-import fsspec
-import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 from karlo_model import VARIATIONS_PIPELINE
 
 from . import columns as C
 from .actors import StageActor
 from .config import ConfigError
+from .image_cells import decode_image, load_images
 from .reader import InputError
-from .redact import display_url
-from .schema import PREPARE, READ, Origin, prepare_batch
+from .schema import Origin, prepare_batch, with_row_problems
 from .stages import FIRST_STAGE_OUTPUTS, Batch, Stage, empty_first_stage_outputs, first_stage_outputs
 
 # Input columns that mean something for prompts but would be silently ignored or overwritten for images.
-REFUSED_COLUMNS = (C.PROMPT, C.NEGATIVE_PROMPT, C.PRIOR_GUIDANCE_SCALE)
-_FETCH_THREADS = 8
-# Decoded images above this many pixels are refused: a decompression bomb must not take an actor's memory.
-MAX_PIXELS = 64 * 1024 * 1024
+REFUSED_COLUMNS = (C.PROMPT, C.NEGATIVE_PROMPT, C.PRIOR_GUIDANCE_SCALE, C.INIT_IMAGE_INPUT, C.STRENGTH)
 _PLACEHOLDER = "image"  # stands in for the prompt while the prompt rules run; the text of a variation is ""
 
 
@@ -108,62 +100,10 @@ def prepare_images(
                              decoder_guidance_scale=decoder_guidance_scale, duplicates=duplicates)
     prepared = prepared.set_column(prepared.schema.get_field_index(C.PROMPT), C.PROMPT, pa.array([""] * n, pa.string()))
     values = table.column(image_column).to_pylist()
-    with ThreadPoolExecutor(min(_FETCH_THREADS, max(n, 1))) as pool:
-        loaded = list(pool.map(lambda v: _load(v, storage_options or {}), values))
-    errors = prepared.column(C.ERROR).to_pylist()
-    stages = prepared.column(C.ERROR_STAGE).to_pylist()
-    for i, (_, _, problem) in enumerate(loaded):
-        if problem and stages[i] != READ:  # a row the reader could not decode has no image to complain of
-            errors[i] = f"{errors[i]}; {problem}" if errors[i] else problem
-            stages[i] = PREPARE
-    prepared = prepared.set_column(prepared.schema.get_field_index(C.ERROR), C.ERROR, pa.array(errors, pa.string()))
-    prepared = prepared.set_column(prepared.schema.get_field_index(C.ERROR_STAGE), C.ERROR_STAGE,
-                                   pa.array(stages, pa.string()))
-    prepared = prepared.drop_columns([image_column])
+    loaded = load_images(values, storage_options or {})
+    prepared = with_row_problems(prepared, [problem for _, _, problem in loaded]).drop_columns([image_column])
     prepared = prepared.append_column(C.SOURCE_IMAGE_PATH, pa.array([path for _, path, _ in loaded], pa.string()))
     return prepared.append_column(C.SOURCE_IMAGE, pa.array([data for data, _, _ in loaded], pa.binary()))
-
-
-def _load(value: Any, storage_options: dict) -> tuple[bytes, str | None, str]:
-    """(encoded bytes or b"", the path/URL shown in the outputs, the problem or "") for one cell."""
-    path = None
-    if isinstance(value, dict):  # Hugging Face Image: bytes when embedded, else a path
-        data, path = value.get("bytes"), value.get("path")
-        if data is None and path is not None:
-            value = path
-        else:
-            value = data
-    if value is None:
-        return b"", path, "image is null"
-    if isinstance(value, str):
-        path = display_url(value)
-        if "://" not in value and not value.startswith("/"):
-            return b"", path, f"image path {path!r} must be absolute or a URL"
-        try:
-            with fsspec.open(value, "rb", **storage_options) as f:
-                value = f.read()
-        except (OSError, ValueError) as e:  # FileNotFoundError, permission and connection errors
-            return b"", path, f"image {path!r} cannot be read: {type(e).__name__}: {e}"[:1000]
-    try:
-        decode_image(value)
-    except ValueError as e:
-        return b"", path, str(e)
-    return value, path, ""
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image -> (H, W, 3) uint8 RGB, as the reference processor converts (``convert("RGB")``).
-    Raises ValueError naming the problem."""
-    if not data:
-        raise ValueError("image is empty (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size  # from the header: nothing decoded yet
-            if width * height <= MAX_PIXELS:
-                return np.asarray(im.convert("RGB"))
-    except Exception as e:  # Pillow raises UnidentifiedImageError, OSError (truncated), SyntaxError, ...
-        raise ValueError(f"image cannot be decoded: {type(e).__name__}: {e}"[:1000]) from None
-    raise ValueError(f"image of {width}x{height} pixels exceeds the limit of {MAX_PIXELS} pixels")
 
 
 class ImageEncoderStage(Stage):

@@ -4,19 +4,29 @@
 * the decoder's first input is sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, eps the row's own draw, at the timestep
   the strength selects, and the decoder network runs exactly the steps it selects;
 * a batch mixing strengths and rows without an init image equals each row alone (float64);
-* the init image moves the output towards itself as the strength falls.
+* the init image moves the output towards itself as the strength falls;
+* through the pipeline: a table mixing image-to-image and text-to-image rows, bad cells as error rows, the
+  metadata and the manifest's settings.
 """
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from pipeline_utils import STEPS as STEPS_PIPELINE
+from pipeline_utils import assert_batch_independent, read_output, reference, write_table
 
 from karlo_model import Karlo, make_tiny_model
 from karlo_model.img2img import init_image_tensor, start_steps, steps_run
 from karlo_model.noise import draw_noise, generators_from_seeds
 from karlo_model.sampling import Guidance
+from pipeline import columns as C
+from pipeline.config import ConfigError, RunConfig, StageConfig
+from pipeline.run import OutputConflict, plan_run, run
 
 STEPS = dict(prior_steps=3, decoder_steps=6, super_res_steps=3)
 PROMPTS = ["a horse in a field", "a red cube on a wooden table", "a bowl of soup"]
@@ -125,3 +135,63 @@ def test_lower_strength_keeps_more_of_the_init_image(model):
         return (out - x0).abs().mean().item()
 
     assert distance(0.2) < distance(0.6) < distance(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Through the pipeline
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_generate_with_init_images(tmp_path, ray_local, tiny_model):
+    """One table mixing image-to-image rows (bytes, a path, own and run strength) with text-to-image rows and
+    bad cells: each image equals Karlo.generate of its row alone; bad cells are error rows; the metadata records
+    strength, steps run and the image's path; a rerun with another --strength is refused."""
+    (tmp_path / "img.png").write_bytes(_png(INIT[2]))
+    ids = ["bytes", "path", "text", "bad-image", "bad-strength"]
+    table = write_table(
+        tmp_path / "in" / "prompts.parquet",
+        id=ids,
+        prompt=PROMPTS[:3] + ["x", "y"],
+        seed=[1, 2, 3, 4, 5],
+        init_image=[{"bytes": _png(INIT[0]), "path": None}, {"bytes": None, "path": str(tmp_path / "img.png")},
+                    None, {"bytes": b"\x89PNG truncated", "path": None}, {"bytes": _png(INIT[1]), "path": None}],
+        strength=[0.5, None, 0.3, None, 1.5],
+    )
+    steps = dict(STEPS_PIPELINE)
+    stages = {n: StageConfig(batch_size=2) for n in ("prior", "decoder", "super_res")}
+    out = tmp_path / "out"
+    summary = run(RunConfig(str(table), str(out), model=tiny_model, strength=0.7, stages=stages, **steps))
+    assert (summary.rows_in, summary.written, summary.errors) == (5, 3, 2)
+
+    o = read_output(out)
+    assert sorted(o.error_keys) == ["bad-image", "bad-strength"]
+    errors = dict(zip(o.errors.column("key").to_pylist(), o.errors.column(C.ERROR).to_pylist()))
+    assert "cannot be decoded" in errors["bad-image"] and "strength must be a number in (0, 1]" in errors["bad-strength"]
+    meta = {r["key"]: r for r in o.metadata.to_pylist()}
+    assert [meta[k][C.STRENGTH] for k in ids[:3]] == [0.5, 0.7, None]
+    d = steps["decoder_steps"]
+    assert [meta[k][C.DECODER_STEPS_RUN] for k in ids[:3]] == [steps_run(0.5, d), steps_run(0.7, d), d]
+    assert [meta[k][C.INIT_IMAGE_PATH] for k in ids[:3]] == [None, str(tmp_path / "img.png"), None]
+    assert C.INIT_IMAGE_INPUT not in o.metadata.column_names
+    expected, _, _ = reference(tiny_model, PROMPTS[:3], [1, 2, 3], init_images=[INIT[0], INIT[2], None],
+                               strength=[0.5, 0.7, 1.0], **steps)
+    assert_batch_independent(o.images(), dict(zip(ids[:3], expected)))
+    assert o.manifest["identity"]["settings"]["strength"] == 0.7
+
+    with pytest.raises(OutputConflict, match="strength"):
+        run(RunConfig(str(table), str(out), model=tiny_model, strength=0.4, stages=stages, **steps))
+
+
+def test_strength_without_init_images_is_refused(tmp_path, tiny_model):
+    table = write_table(tmp_path / "prompts.parquet", prompt=["a"], strength=[0.5])
+    with pytest.raises(ConfigError, match="no 'init_image' column"):
+        plan_run(RunConfig(str(table), str(tmp_path / "out"), model=tiny_model))
+    plain = write_table(tmp_path / "plain" / "prompts.parquet", prompt=["a"])
+    with pytest.raises(ConfigError, match="--strength is for image-to-image"):
+        plan_run(RunConfig(str(plain), str(tmp_path / "out"), model=tiny_model, strength=0.5))
