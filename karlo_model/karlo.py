@@ -2,11 +2,15 @@
 
 Three layers, each built on the one before:
 
-* ``run_prior`` / ``run_decoder`` / ``run_super_res``: tensors in and out, the rows' generators passed in;
-* ``prior_stage`` / ``image_encoder_stage`` / ``decoder_stage`` / ``super_res_stage``: what the pipeline's stages
-  call, each in its own process: arrays in and out, handing the next stage every row's generator state;
+* ``run_prior`` / ``run_decoder`` / ``run_super_res``: tensors in and out, the rows' generators and optional
+  starting latents passed in (the reference-sampler tests drive these);
+* ``prior_stage`` / ``image_encoder_stage`` / ``decoder_stage`` / ``super_res_stage``: the one surface the pipeline's
+  stages call, each in its own process: arrays in and out, handing the next stage every row's generator state
+  (pipeline.measurement stands in for exactly these in measurement mode);
 * ``generate`` / ``variations``: the whole model from seeds, as diffusers' ``UnCLIPPipeline`` and
   ``UnCLIPImageVariationPipeline`` run it (the parity tests' API), with optional starting latents.
+
+Image-to-image (karlo_model.img2img) is ``init_images`` + ``strength`` on the decoder at every layer.
 """
 
 from __future__ import annotations

@@ -49,6 +49,13 @@ def test_grid_points_names_and_order(tmp_path):
     assert p.as_dict(s)["settings"]["prompts"] == str(tmp_path / "prompts.parquet")
 
 
+def test_image_to_image_strength_is_an_axis(tmp_path):
+    grid = points(parse_spec(spec(tmp_path, grid={"strength": [0.3, 0.9]})))
+    assert [p.name for p in grid] == ["s0.3", "s0.9"] and [p.settings["strength"] for p in grid] == [0.3, 0.9]
+    with pytest.raises(ConfigError, match="strength must be a number in"):
+        points(parse_spec(spec(tmp_path, grid={"strength": [0.5, 1.5]})))
+
+
 def test_prompt_sets_and_models_are_axes(tmp_path):
     s = parse_spec(spec(tmp_path, prompts={"a": "s3://b/a.parquet", "b": "s3://b/b/"},
                         models={"tiny": None, "real": "s3://b/karlo"}, grid={"seed": [0, 1]}))
