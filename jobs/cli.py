@@ -168,7 +168,9 @@ def _run_command(input_url, output_url, model, stage_config, device, dtype, prog
 
             click.echo(format_dry_run(dry_run(cfg, echo=echo)))
             return
-        summary = run(cfg, echo=echo, progress_interval=progress_interval)
+        # In a terminal, one bar redrawn in place, unless -v brought Ray Data's own bars back.
+        live = sys.stderr if sys.stderr.isatty() and not _verbose() else None
+        summary = run(cfg, echo=echo, progress_interval=progress_interval, live=live)
     except KeyboardInterrupt:
         # Click would print only "Aborted!". Committed shards are whole; partial files are removed by the rerun.
         click.echo("\ninterrupted: the shards committed so far are kept; rerun the same command to resume", err=True)
@@ -179,7 +181,7 @@ def _run_command(input_url, output_url, model, stage_config, device, dtype, prog
     except (OSError, RayError, RayStartError) as e:
         # Storage (a full disk, a lost bucket) or Ray failed under a usable run: committed shards stay, and the
         # same command resumes. The user reads what failed; the traceback is for -v.
-        if click.get_current_context().find_root().params.get("verbose"):
+        if _verbose():
             traceback.print_exception(e)
         what = str(e) if isinstance(e, RayStartError) else _first_cause(e)
         click.echo(f"error: {redact(what)} (rerun the same command to resume)", err=True)
@@ -187,6 +189,10 @@ def _run_command(input_url, output_url, model, stage_config, device, dtype, prog
     click.echo(format_summary(summary))
     if not summary.ok:
         sys.exit(EXIT_ROW_ERRORS)
+
+
+def _verbose() -> bool:
+    return bool(click.get_current_context().find_root().params.get("verbose"))
 
 
 def _first_cause(e: BaseException) -> str:

@@ -23,6 +23,7 @@ from collections import Counter
 from typing import Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -41,6 +42,7 @@ class CrashLedger:
     def __init__(self) -> None:
         self.deaths: Counter[tuple[str, str]] = Counter()
         self.finished: Counter[str] = Counter()  # stage -> rows it finished in this run (the progress line)
+        self.failed: Counter[str] = Counter()  # stage -> of those, error rows
         self.first_begin: float | None = None  # when a stage began the run's first batch (time.monotonic())
         self.actors: list[dict] = []  # where each stage actor started (pipeline.actors), restarts included
 
@@ -58,16 +60,18 @@ class CrashLedger:
         for key in keys:
             self.deaths[(stage, key)] -= 1
 
-    def finish(self, stage: str, keys: list[str]) -> None:
-        """The rows are done: forget them."""
+    def finish(self, stage: str, keys: list[str], errors: int = 0) -> None:
+        """The rows are done (``errors`` of them error rows): forget them."""
         for key in keys:
             self.deaths.pop((stage, key), None)
         self.finished[stage] += len(keys)
+        self.failed[stage] += errors
 
-    def finished_rows(self, stage: str) -> int:
-        """Rows ``stage`` has finished in this run, not yet necessarily committed (a batch Ray retries after its
-        actor died past this point counts twice: an estimate for progress, never for accounting)."""
-        return self.finished[stage]
+    def finished_rows(self, stage: str) -> tuple[int, int]:
+        """(good rows, error rows) ``stage`` has finished in this run, not yet necessarily committed (a batch Ray
+        retries after its actor died past this point counts twice: an estimate for progress, never for
+        accounting)."""
+        return self.finished[stage] - self.failed[stage], self.failed[stage]
 
     def placed(self, stage: str, node_id: str, gpu_ids: list[int], pid: int) -> None:
         self.actors.append({"stage": stage, "node_id": node_id, "gpu_ids": gpu_ids, "pid": pid})
@@ -107,7 +111,7 @@ def guarded(
         out = fn(table)
         # Not awaited: calls from one process reach the actor in order, and a finish lost with a dying process
         # only makes a retry of this batch run row by row.
-        ledger.finish.remote(stage, keys)
+        ledger.finish.remote(stage, keys, _errors(out))
         return out
     ray.get(ledger.withdraw.remote(stage, keys))
     pieces = []
@@ -115,12 +119,17 @@ def guarded(
         row = table.slice(i, 1)
         if deaths >= MAX_DEATHS:
             pieces.append(fn(_reject(row, stage, deaths)))
-            ray.get(ledger.finish.remote(stage, [key]))
+            ray.get(ledger.finish.remote(stage, [key], 1))
             continue
         ray.get(ledger.begin.remote(stage, [key]))
         pieces.append(fn(row))
-        ray.get(ledger.finish.remote(stage, [key]))
+        ray.get(ledger.finish.remote(stage, [key], _errors(pieces[-1])))
     return pa.concat_tables(pieces)
+
+
+def _errors(out: pa.Table) -> int:
+    """How many rows of a stage's output are error rows."""
+    return out.num_rows - pc.sum(pc.equal(out.column(C.ERROR), "")).as_py() if out.num_rows else 0
 
 
 def _reject(row: pa.Table, stage: str, deaths: int) -> pa.Table:

@@ -8,9 +8,9 @@ Committed progress moves one shard (``--rows-per-shard`` rows) at a time, so the
 have passed the last model stage (counted by the run's crash ledger, :mod:`pipeline.crashes`), and the ETA
 follows whichever is further along.
 
-Lines are plain and newline-terminated, in a terminal too: Ray Data redraws its own progress bars at the
-bottom of a terminal, and a line rewritten in place with carriage returns would fight them; job logs
-(Ray job logs, Kubernetes) get one readable line per interval.
+Without a terminal (Ray job logs, Kubernetes) the status is a plain newline-terminated line per interval. In a
+terminal it is one bar redrawn in place every second; Ray Data's own bars, which would fight it for the bottom
+line, are off unless ``--verbose`` turns them on (and then the plain lines are used).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TextIO
 
 from .outputs import marker_names, output_filesystem, read_markers
 
@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "[karlo]"
 DEFAULT_INTERVAL = 10.0  # seconds between status lines
+LIVE_INTERVAL = 1.0  # seconds between redraws of the terminal bar
+BAR_WIDTH = 24
 
 
 def format_duration(seconds: float) -> str:
@@ -99,18 +101,32 @@ class Progress:
             return None
         return remaining / (finished / elapsed)
 
-    def line(self, tally: Tally, now: float, generated: int | None = None) -> str:
+    def line(self, tally: Tally, now: float, generated: int | None = None, failed: int = 0) -> str:
         """``[karlo] 1,234/10,000 rows (12.3%) | 45.6 img/s | ETA 3m12s | 2 errors``, with ``| 1,500 generated``
-        after the rows when the run reports rows past its last model stage (committed a shard at a time)."""
+        after the rows when the run reports images past its last model stage (committed a shard at a time);
+        ``failed``: error rows past it, counted in the ETA and the errors before their shard commits."""
+        return " | ".join([f"{PREFIX} {self._rows(tally)}", *self._fields(tally, now, generated, failed)])
+
+    def bar(self, tally: Tally, now: float, generated: int | None = None, failed: int = 0) -> str:
+        """``line`` with a bar of the committed rows: ``[karlo] [=====>      ] 1,234/10,000 rows (12.3%) | ...``."""
+        fraction = tally.done / self.total if self.total else 1.0
+        filled = min(BAR_WIDTH, int(fraction * BAR_WIDTH))
+        bar = "=" * filled + (">" if filled < BAR_WIDTH else "") + " " * max(0, BAR_WIDTH - filled - 1)
+        return " | ".join([f"{PREFIX} [{bar}] {self._rows(tally)}", *self._fields(tally, now, generated, failed)])
+
+    def _rows(self, tally: Tally) -> str:
         percent = 100.0 * tally.done / self.total if self.total else 100.0
-        eta = self.eta(tally, now, generated or 0)
-        return " | ".join([
-            f"{PREFIX} {tally.done:,}/{self.total:,} rows ({percent:.1f}%)",
-            *([] if generated is None else [f"{min(self.total, self.baseline.done + generated):,} generated"]),
+        return f"{tally.done:,}/{self.total:,} rows ({percent:.1f}%)"
+
+    def _fields(self, tally: Tally, now: float, generated: int | None, failed: int) -> list[str]:
+        past = (generated or 0) + failed  # rows past the last model stage, good or not
+        eta = self.eta(tally, now, past)
+        return [
+            *([] if generated is None else [f"{min(self.total, self.baseline.rows + generated):,} generated"]),
             f"{format_rate(self.images_per_second(tally, now, generated or 0))} img/s",
             "ETA " + ("--" if eta is None else format_duration(eta)),
-            plural(tally.errors, "error"),
-        ])
+            plural(max(tally.errors, self.baseline.errors + failed), "error"),
+        ]
 
 
 class MarkerTally:
@@ -132,14 +148,18 @@ class MarkerTally:
 
 
 class ProgressReporter:
-    """Writes ``Progress.line`` every ``interval`` seconds from a daemon thread until ``stop``."""
+    """Writes ``Progress.line`` every ``interval`` seconds from a daemon thread until ``stop``; with ``live`` (a
+    terminal's stream), redraws ``Progress.bar`` in place on it every second instead."""
 
     def __init__(self, tally: MarkerTally, total: int, interval: float, write: Callable[[str], None],
-                 clock: Callable[[], float] = time.monotonic, generated: Callable[[], int] | None = None):
+                 clock: Callable[[], float] = time.monotonic,
+                 generated: Callable[[], tuple[int, int]] | None = None, live: TextIO | None = None):
         if interval <= 0:
             raise ValueError(f"interval must be > 0 seconds, got {interval}")
-        self.tally, self.interval, self.write, self.clock = tally, interval, write, clock
-        self.generated = generated  # rows past the last model stage in this run, when the run can tell
+        self.tally, self.write, self.clock, self.live = tally, write, clock, live
+        self.interval = min(interval, LIVE_INTERVAL) if live is not None else interval
+        # (images, error rows) past the last model stage in this run, when the run can tell
+        self.generated = generated
         # The first poll is the baseline: rows committed by earlier attempts do not count towards the rate.
         self.progress = Progress(total=total, baseline=tally.poll(), started=clock())
         self._stop = threading.Event()
@@ -151,27 +171,40 @@ class ProgressReporter:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        if self.live is not None and self._drawn:
+            self.live.write("\n")  # the summary starts below the last bar
+            self.live.flush()
+
+    _drawn = False
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
                 tally = self.tally.poll()
-                generated = self.generated() if self.generated else None
+                images, failed = self.generated() if self.generated else (None, 0)
             except Exception as e:  # a storage or Ray hiccup costs one status line, never the run
                 logger.warning("progress: could not read the run's progress: %s", e)
                 continue
-            self.write(self.progress.line(tally, self.clock(), generated))
+            if self.live is None:
+                self.write(self.progress.line(tally, self.clock(), images, failed))
+            else:
+                # Back to the line's start and clear it: the bar redraws where it was.
+                self.live.write("\r\x1b[K" + self.progress.bar(tally, self.clock(), images, failed))
+                self.live.flush()
+                self._drawn = True
 
 
 @contextlib.contextmanager
 def report_progress(output_url: str, storage_options: dict[str, Any] | None, *, total: int, interval: float,
-                    write: Callable[[str], None], generated: Callable[[], int] | None = None) -> Iterator[None]:
-    """Status lines about ``output_url`` every ``interval`` seconds while the body runs; 0 turns them off."""
+                    write: Callable[[str], None], generated: Callable[[], tuple[int, int]] | None = None,
+                    live: TextIO | None = None) -> Iterator[None]:
+    """Status lines about ``output_url`` every ``interval`` seconds while the body runs (a bar redrawn on
+    ``live``, a terminal, instead); 0 turns them off."""
     if interval <= 0:
         yield
         return
     reporter = ProgressReporter(MarkerTally(output_url, storage_options), total, interval, write,
-                                generated=generated)
+                                generated=generated, live=live)
     reporter.start()
     try:
         yield

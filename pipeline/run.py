@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 import pyarrow as pa
 import ray
@@ -198,8 +198,10 @@ def plan_run(cfg: RunConfig) -> RunPlan:
                    identity_of_run(cfg.input_url, model_id, cfg.output_settings()), clip_ref, clip_record)
 
 
-def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_interval: float = 0.0) -> RunSummary:
-    """Generate every uncommitted row of ``cfg``; with ``progress_interval`` > 0, ``echo`` a status line that often.
+def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_interval: float = 0.0,
+        live: TextIO | None = None) -> RunSummary:
+    """Generate every uncommitted row of ``cfg``; with ``progress_interval`` > 0, ``echo`` a status line that often
+    (or with ``live``, a terminal's stream, redraw a progress bar on it every second).
 
     plan (driver only) -> an OUTPUT holding another run is refused, a finished one answered, both without Ray ->
     Ray, the GPUs reserved, every node able to see local paths -> OUTPUT opened, its uncommitted files removed, the
@@ -224,7 +226,7 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
     with reserved(cfg.stages, timeout=cfg.placement_timeout, echo=echo) as reservation:
         check_resources(cfg)
         check_run_paths(cfg, p.input)
-        return _attempt(p, fs, root, started, echo, previous, replace, done, reservation, progress_interval)
+        return _attempt(p, fs, root, started, echo, previous, replace, done, reservation, progress_interval, live)
 
 
 def _previous_run(cfg: RunConfig, fs: Any, root: str,
@@ -267,7 +269,7 @@ def _open_output(cfg: RunConfig, fs: Any, root: str, replace: bool) -> None:
 
 def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str], None],
              previous: dict[str, Any] | None, replace: bool, done: set[str], reservation: Reservation | None,
-             progress_interval: float = 0.0) -> RunSummary:
+             progress_interval: float = 0.0, live: TextIO | None = None) -> RunSummary:
     """One attempt at the rows not in ``done``: OUTPUT opened (``previous``: this run's manifest, ``replace``:
     another run's files to delete first), the dataset executed if rows remain, the summary and the closed
     manifest."""
@@ -291,7 +293,7 @@ def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str
                          min_clip_score=cfg.min_clip_score)
     first_batch = None
     if p.input.total_rows > len(done):
-        first_batch, manifest["actors"] = execute(p, done, sink, reservation, echo, progress_interval)
+        first_batch, manifest["actors"] = execute(p, done, sink, reservation, echo, progress_interval, live)
     this_run = sink.result or SinkResult(0, 0, 0, 0)
 
     total = SinkResult.from_markers(committed_shards(cfg.output_url, cfg.storage_options))
@@ -317,7 +319,8 @@ def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str
 
 
 def execute(p: RunPlan, done: set[str], sink: KarloDatasink, reservation: Reservation | None,
-            echo: Callable[[str], None], progress_interval: float) -> tuple[float | None, list[dict[str, Any]]]:
+            echo: Callable[[str], None], progress_interval: float,
+            live: TextIO | None = None) -> tuple[float | None, list[dict[str, Any]]]:
     """read -> prepare (keys, seeds, validation; rows in ``done`` dropped) -> the model stages -> encode ->
     write, streamed by Ray Data; returns when the first batch began (None if unknown) and where the stage actors
     ran."""
@@ -339,7 +342,8 @@ def execute(p: RunPlan, done: set[str], sink: KarloDatasink, reservation: Reserv
     ds = add_encode(ds, cfg.image_format, max_actors=writers)
     last_stage = list(cfg.stages)[-1]  # rows past it, for the progress line
     with report_progress(cfg.output_url, cfg.storage_options, total=p.input.total_rows, interval=progress_interval,
-                         write=echo, generated=lambda: ray.get(ledger.finished_rows.remote(last_stage), timeout=30)):
+                         write=echo, live=live,
+                         generated=lambda: tuple(ray.get(ledger.finished_rows.remote(last_stage), timeout=30))):
         ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS}, concurrency=writers)
     return _first_batch_began(ledger), _actor_placements(ledger)
 

@@ -3,6 +3,7 @@ reporting thread) and the summary table; one real `karlo generate` prints both."
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import threading
@@ -114,6 +115,33 @@ def test_reporter_prints_lines_until_stopped(tmp_path):
     assert len(lines) == count
     assert all(LINE.fullmatch(line) and "\r" not in line for line in lines)
     assert "| 2 errors" in lines[-1]
+
+
+def test_live_reporter_redraws_one_bar_in_place(tmp_path):
+    """In a terminal: the bar is redrawn on one line (carriage return, clear), and the summary starts below it."""
+    marker(tmp_path, "a" * 16, rows=10, errors=0)
+    stream = io.StringIO()
+    reporter = ProgressReporter(MarkerTally(str(tmp_path)), total=40, interval=10.0, write=pytest.fail,
+                                live=stream, generated=lambda: (4, 1))
+    assert reporter.interval == 1.0  # a terminal redraws every second, whatever the interval of plain lines
+    reporter.interval = 0.02
+    reporter.start()
+    wait_until(lambda: stream.getvalue().count("\r") >= 2)
+    reporter.stop()
+    text = stream.getvalue()
+    assert text.endswith("\n") and text.count("\n") == 1
+    draws = [d for d in text.rstrip("\n").split("\r\x1b[K") if d]
+    assert len(draws) >= 2
+    for d in draws:
+        assert d.startswith("[karlo] [======>                 ] 10/40 rows (25.0%) | 14 generated | ")
+        assert d.endswith("| 1 error") and "\n" not in d
+
+
+def test_error_rows_past_the_last_stage_count_as_errors_not_images():
+    """3 rows past the last stage, 2 of them error rows: 1 generated image, 2 errors, and the ETA counts all 3."""
+    p = Progress(total=3, baseline=Tally(), started=0.0)
+    line = p.line(Tally(), now=30.0, generated=1, failed=2)
+    assert line == "[karlo] 0/3 rows (0.0%) | 1 generated | 0.033 img/s | ETA 0s | 2 errors"
 
 
 def test_reporter_survives_storage_errors(tmp_path, caplog):
