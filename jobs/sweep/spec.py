@@ -40,7 +40,8 @@ SPEC_KEYS = {"name", "prompts", "output", "model", "models", "settings", "stages
 STEPS_AXIS, SAMPLES_AXIS = "steps", "seeds_per_prompt"
 # Short names of the usual axes in point names: pg4_dg8_steps25-25-7_n4.
 ABBREVIATIONS = {"prior_guidance_scale": "pg", "decoder_guidance_scale": "dg", "prior_steps": "ps",
-                 "decoder_steps": "ds", "super_res_steps": "ss", STEPS_AXIS: "steps", SAMPLES_AXIS: "n"}
+                 "decoder_steps": "ds", "super_res_steps": "ss", STEPS_AXIS: "steps", SAMPLES_AXIS: "n",
+                 "min_aesthetic": "aes", "drop_unsafe": "drop-unsafe"}
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
