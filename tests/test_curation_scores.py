@@ -69,7 +69,9 @@ def diffusers_checker(vision: dict, seed: int, tower: CLIPVisionModelWithProject
 def set_thresholds(checker, embeds: torch.Tensor, flagged_rows: int) -> None:
     """Concept 0's threshold between the cosines of the rows so that about ``flagged_rows`` images are flagged;
     special-care thresholds that make some images (not all) special-care ones; other concepts never fire."""
-    cos = lambda e: (torch.nn.functional.normalize(embeds, dim=-1) @ torch.nn.functional.normalize(e, dim=-1).T)  # noqa: E731
+    def cos(e: torch.Tensor) -> torch.Tensor:  # (B, N)
+        return torch.nn.functional.normalize(embeds, dim=-1) @ torch.nn.functional.normalize(e, dim=-1).T
+
     with torch.no_grad():
         concept = cos(checker.concept_embeds)[:, 0].sort(descending=True).values
         special = cos(checker.special_care_embeds)[:, 1].sort(descending=True).values
