@@ -75,6 +75,17 @@ def _run_options(command):
                           "the text encoder's embedding width. Default: the run's own (embedded or variations) model."),
         click.option("--min-clip-score", default=None, type=click.FloatRange(-1, 1), metavar="COSINE",
                      help="Move rows scoring below this cosine to rejected/ (implies --clip-score)."),
+        click.option("--aesthetic-model", default=None, metavar="PATH|URL",
+                     help="LAION aesthetic predictor weights (.safetensors or a weights-only .pth state dict, e.g. "
+                          "sac+logos+ava1-l14-linearMSE.pth): adds aesthetic_score (implies --clip-score)."),
+        click.option("--min-aesthetic", default=None, type=float, metavar="SCORE",
+                     help="Move rows whose aesthetic_score is below this to rejected/ (needs --aesthetic-model)."),
+        click.option("--safety-checker", default=None, metavar="DIR|URL",
+                     help="A StableDiffusionSafetyChecker folder (e.g. a copy of "
+                          "CompVis/stable-diffusion-safety-checker): adds nsfw and the concept scores (implies "
+                          "--clip-score)."),
+        click.option("--drop-unsafe", is_flag=True,
+                     help="Move rows the safety checker flags to rejected/ (default: flag them only)."),
     ]
     for option in reversed(options):
         command = option(command)

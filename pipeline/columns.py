@@ -53,10 +53,19 @@ DECODER_STEPS_RUN = "decoder_steps_run"  # int: the decoder steps the row ran (f
 # Added by the optional CLIP score stage (pipeline.scoring).
 CLIP_IMAGE_EMB = "clip_img_emb"  # (B, P) float32, L2-normalised CLIP embedding of the generated image
 CLIP_SCORE = "clip_score"  # float32, cosine of clip_img_emb with the reference embedding (the prompt's text_emb)
+# Curation scores of the same stage, each only with its model: LAION's aesthetic predictor and the Stable Diffusion
+# safety checker (pipeline.scoring).
+AESTHETIC_SCORE = "aesthetic_score"  # float32
+NSFW = "nsfw"  # bool: the safety checker flags the image
+NSFW_CONCEPT_SCORES = "nsfw_concept_scores"  # (B, 17) float32: score minus threshold per concept; > 0 flags it
+NSFW_SPECIAL_CARE_SCORES = "nsfw_special_care_scores"  # (B, 3) float32: the same for the special-care concepts
+# Written to rejected/ only: why the row was filtered ("clip_score < 0.2", "aesthetic_score < 5", "nsfw"; "; "-joined).
+REJECTED_REASON = "rejected_reason"
 
 # Columns a user table may not carry, because the pipeline writes them.
 RESERVED = (SOURCE, SOURCE_ROW, KEY, PROMPT_TRUNCATED, ERROR, ERROR_STAGE, TEXT_EMB, IMAGE_EMB, IMAGE,
-            SOURCE_IMAGE_PATH, INIT_IMAGE_PATH, DECODER_STEPS_RUN, CLIP_IMAGE_EMB, CLIP_SCORE)
+            SOURCE_IMAGE_PATH, INIT_IMAGE_PATH, DECODER_STEPS_RUN, CLIP_IMAGE_EMB, CLIP_SCORE, AESTHETIC_SCORE, NSFW,
+            NSFW_CONCEPT_SCORES, NSFW_SPECIAL_CARE_SCORES, REJECTED_REASON)
 
 
 def is_internal(name: str) -> bool:

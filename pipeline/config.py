@@ -12,6 +12,7 @@ A stage-config file sets each model stage's resources; keys missing from a stage
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -179,13 +180,20 @@ class RunConfig:
     clip_model: str | None = None  # the tower: None picks the run's own (pipeline.scoring.clip_model_for)
     min_clip_score: float | None = None  # rows scoring below go to rejected/
     strength: float | None = None  # image-to-image: of init images whose row gives none (None: STRENGTH)
+    aesthetic_model: str | None = None  # LAION aesthetic predictor weights: adds aesthetic_score (pipeline.scoring)
+    min_aesthetic: float | None = None  # rows scoring below go to rejected/
+    safety_checker: str | None = None  # a StableDiffusionSafetyChecker folder: adds nsfw and the concept scores
+    drop_unsafe: bool = False  # flagged rows go to rejected/ (otherwise they are only flagged)
     stages: dict[str, StageConfig] = field(default_factory=dict)
     placement_timeout: float = 0.0  # seconds to wait for GPUs the cluster lacks or has busy (pipeline.placement)
     storage_options: dict = field(default_factory=dict, repr=False)  # may hold credentials: never printed
 
     def __post_init__(self) -> None:
-        for name in ("input_url", "output_url", "model", "clip_model"):
+        for name in ("input_url", "output_url", "model", "clip_model", "aesthetic_model", "safety_checker"):
             object.__setattr__(self, name, _absolute(getattr(self, name)))
+        if self.aesthetic_model is not None or self.safety_checker is not None:
+            # The curation scores read the CLIP score stage's image embeddings.
+            object.__setattr__(self, "clip_score", True)
         for name in ("prior_steps", "decoder_steps", "super_res_steps"):
             _check(_is_int(getattr(self, name)) and getattr(self, name) >= 2, f"{name} must be an integer >= 2")
         for name in ("prior_guidance_scale", "decoder_guidance_scale"):
@@ -207,6 +215,11 @@ class RunConfig:
         _check(self.strength is None or (_is_number(self.strength) and 0 < self.strength <= 1),
                "strength must be a number in (0, 1]")
         _check(self.strength is None or self.task == "generate", "strength is for generate with init images")
+        _check(self.min_aesthetic is None or self.aesthetic_model is not None, "min_aesthetic needs aesthetic_model")
+        _check(self.min_aesthetic is None or (_is_number(self.min_aesthetic) and math.isfinite(self.min_aesthetic)),
+               "min_aesthetic must be a finite number")
+        _check(isinstance(self.drop_unsafe, bool), "drop_unsafe must be true or false")
+        _check(not self.drop_unsafe or self.safety_checker is not None, "drop_unsafe needs safety_checker")
         _check(_is_number(self.placement_timeout) and 0 <= self.placement_timeout < float("inf"),
                "placement_timeout must be a finite number of seconds >= 0")
         unknown = set(self.stages) - set(ALL_STAGE_NAMES)
@@ -248,6 +261,10 @@ class RunConfig:
             settings["strength"] = self.strength
         if self.clip_score:
             settings["clip_score"] = {"model": self.clip_model, "min_clip_score": self.min_clip_score}
+        if self.aesthetic_model is not None:
+            settings["aesthetic_score"] = {"model": self.aesthetic_model, "min_aesthetic": self.min_aesthetic}
+        if self.safety_checker is not None:
+            settings["safety_checker"] = {"model": self.safety_checker, "drop_unsafe": self.drop_unsafe}
         return settings
 
 

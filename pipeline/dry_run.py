@@ -18,7 +18,9 @@ from .placement import PlacementError, format_layout, layout
 from .reader import plan_inputs
 from .redact import display_url
 from .run import check_resources, init_ray
+from .scoring import plan_scoring
 from .shared_paths import check_run_paths
+from .tasks import task_of
 from .variations import check_model_kind, image_column_check
 
 
@@ -44,7 +46,9 @@ def dry_run(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
     model = cfg.model or default_model(variations)
     model_id = model_identity(model, cfg.storage_options)
     check_model_kind(cfg.task, model_id)
-    identity = identity_of_run(cfg.input_url, model_id, cfg.output_settings())
+    # The curation models' weights are part of the identity; checking the CLIP tower comes with them.
+    scorers = plan_scoring(cfg, model, task_of(cfg).clip_reference)[2]
+    identity = identity_of_run(cfg.input_url, model_id, cfg.output_settings(), scorers)
     placement = placement_plan(cfg, echo=echo)
     if placement["error"]:
         raise PlacementError(placement["error"])

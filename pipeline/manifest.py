@@ -31,7 +31,8 @@ PACKAGES = ("karlo-pipeline", "torch", "transformers", "ray", "pyarrow", "fsspec
 
 def new_manifest(identity: dict[str, Any], previous: dict[str, Any] | None, *, input_rows: int,
                  bad_files: Iterable[tuple[str, str]], stages: dict[str, Any], rows_per_shard: int,
-                 placement: dict[str, Any] | None, clip_score: dict[str, Any] | None) -> dict[str, Any]:
+                 placement: dict[str, Any] | None, clip_score: dict[str, Any] | None,
+                 scorers: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest an attempt writes when it starts; ``previous`` is the manifest of the same run's earlier
     attempts (its start time and attempt count carry over). The attempt's end adds status, counts and timings."""
     manifest: dict[str, Any] = {
@@ -48,6 +49,7 @@ def new_manifest(identity: dict[str, Any], previous: dict[str, Any] | None, *, i
     }
     if clip_score is not None:
         manifest["clip_score"] = clip_score
+    manifest.update(scorers or {})  # "aesthetic_score", "safety_checker": what pipeline.scoring.check_scorers found
     return manifest
 
 
@@ -103,7 +105,7 @@ def model_identity(model: str, storage_options: dict | None = None) -> dict[str,
             entry["etag"] = info.get("ETag") or info.get("etag") or info.get("md5Hash")
         else:
             _check_header(Path(f"{folder}/{chosen}"), shown)
-            entry["sha256"] = _cached_digest(Path(f"{folder}/{chosen}"))
+            entry["sha256"] = cached_digest(Path(f"{folder}/{chosen}"))
         weights[comp] = entry
     return {"model": display_url(model), "class": index.get("_class_name"), "weights": weights}
 
@@ -126,7 +128,8 @@ def _check_header(path: Path, shown: str) -> None:
         raise ModelError(f"model {shown}: {name} is not a valid safetensors file ({e})") from None
 
 
-def _cached_digest(path: Path) -> str:
+def cached_digest(path: Path) -> str:
+    """sha256 of a local file, cached by its path, size and mtime."""
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
     cache = cache_root() / "digests" / key
@@ -140,9 +143,14 @@ def _cached_digest(path: Path) -> str:
     return digest
 
 
-def identity_of_run(input_url: str, model_id: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    """What must match for a rerun to continue the same output."""
-    return {"input": display_url(input_url), "model": model_id, "settings": settings}
+def identity_of_run(input_url: str, model_id: dict[str, Any], settings: dict[str, Any],
+                    scorers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What must match for a rerun to continue the same output; ``scorers`` (the curation models' records, with
+    their weights' sha256) only when a run uses them, so that other runs' identity is what it was."""
+    identity = {"input": display_url(input_url), "model": model_id, "settings": settings}
+    if scorers:
+        identity["scorers"] = scorers
+    return identity
 
 
 def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -8,7 +8,7 @@ Layout under the output URL, per shard id X (16 hex chars, the same X in every f
     metadata/metadata_X.parquet          one row per good row: key, prompt, seed, settings, pass-through
     errors/errors_X.parquet              one row per error row: key, source, prompt, stage, reason
     clip_img_emb/clip_img_emb_X.npy      with CLIP scoring: the score tower's image embeddings
-    rejected/rejected_X.parquet          with a minimum CLIP score: the rows scoring below it, whole
+    rejected/rejected_X.parquet          with a score filter: the rows it filtered out, whole, with the reason
     _commits/X.json                      the commit marker, written last: a shard without it does not exist
     manifest.json                        settings, model identity, counts (pipeline.manifest)
     _SUCCESS                             written when every input row is committed

@@ -19,7 +19,7 @@ from . import columns as C
 from . import crashes
 from .actors import add_stage
 from .config import ConfigError, RunConfig
-from .embedded import EmbeddedModel, default_model
+from .embedded import EmbeddedModel
 from .encode import ENCODE_CPUS, add_encode
 from .init_images import uses_init_images
 from .manifest import identity_changes, identity_of_run, model_identity, new_manifest, now
@@ -39,7 +39,7 @@ from .quiet import quiet_ray_data
 from .reader import InputError, InputPlan, display_url, plan_inputs, read_column, read_prompts
 from .redact import storage_error
 from .schema import find_duplicates, prepare_and_skip
-from .scoring import check_tower, clip_model_for
+from .scoring import plan_scoring
 from .shards import unwritable_columns
 from .shared_paths import check_run_paths
 from .sinks import KarloDatasink, SinkResult, check_writable, remove_uncommitted, write_json_atomic
@@ -171,6 +171,7 @@ class RunPlan:
     identity: dict[str, Any]  # what a rerun into the same OUTPUT must match to resume
     clip_ref: str | EmbeddedModel | None = None  # the CLIP score stage's vision tower
     clip_record: dict[str, Any] | None = None  # what the manifest says of the scores
+    scorers: dict[str, Any] | None = None  # the curation models' records (pipeline.scoring.check_scorers)
 
 
 def plan_run(cfg: RunConfig) -> RunPlan:
@@ -188,14 +189,10 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     model = cfg.model or task.embedded.path()
     model_id = model_identity(model, cfg.storage_options)
     check_model_kind(cfg.task, model_id)
-    clip_ref = clip_record = None
-    if cfg.clip_score:
-        clip_model = clip_model_for(cfg, model, default_model(variations=True) if cfg.model is None else None)
-        clip_record = {**check_tower(clip_model, model, cfg.storage_options), "reference": task.clip_reference,
-                       "min": cfg.min_clip_score}
-        clip_ref = EmbeddedModel(variations=True) if cfg.model is None and cfg.clip_model is None else clip_model
+    clip_ref, clip_record, scorers = plan_scoring(cfg, model, task.clip_reference)
     return RunPlan(cfg, task, plan, model, cfg.model or task.embedded, model_id,
-                   identity_of_run(cfg.input_url, model_id, cfg.output_settings()), clip_ref, clip_record)
+                   identity_of_run(cfg.input_url, model_id, cfg.output_settings(), scorers), clip_ref, clip_record,
+                   scorers)
 
 
 def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_interval: float = 0.0,
@@ -282,7 +279,7 @@ def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str
         echo(f"resuming: {len(done)} of {p.input.total_rows} rows are already committed")
     manifest = new_manifest(p.identity, previous, input_rows=p.input.total_rows, bad_files=p.input.bad_files,
                             stages=cfg.stages, rows_per_shard=cfg.rows_per_shard,
-                            placement=placement_record(reservation), clip_score=p.clip_record)
+                            placement=placement_record(reservation), clip_score=p.clip_record, scorers=p.scorers)
     write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
     if fs.exists(f"{root}/{SUCCESS}"):
         fs.rm(f"{root}/{SUCCESS}")
@@ -290,7 +287,8 @@ def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str
     sink = KarloDatasink(cfg.output_url, storage_options=cfg.storage_options, image_format=cfg.image_format,
                          output_format=cfg.output_format, rows_per_shard=cfg.rows_per_shard,
                          settings={"model": p.model_id["model"], **p.task.row_settings},
-                         min_clip_score=cfg.min_clip_score)
+                         min_clip_score=cfg.min_clip_score, min_aesthetic=cfg.min_aesthetic,
+                         drop_unsafe=cfg.drop_unsafe)
     first_batch = None
     if p.input.total_rows > len(done):
         first_batch, manifest["actors"] = execute(p, done, sink, reservation, echo, progress_interval, live)

@@ -105,11 +105,12 @@ def check_shared(paths: list[LocalPath], output_root: str | None = None) -> None
 
 
 def check_run_paths(cfg: RunConfig, plan: InputPlan, *, probe_output: bool = True) -> None:
-    """:func:`check_shared` for a run's local input, model, CLIP model and OUTPUT. With ``probe_output`` a local
-    OUTPUT folder is created if need be (and removed again if the run is refused); without (a dry run, which
-    writes nothing), an OUTPUT that does not exist yet is not checked."""
+    """:func:`check_shared` for a run's local input, model, CLIP and curation models and OUTPUT. With
+    ``probe_output`` a local OUTPUT folder is created if need be (and removed again if the run is refused); without
+    (a dry run, which writes nothing), an OUTPUT that does not exist yet is not checked."""
     named = (("input", local_path(plan.files[0].url) if plan.files else None), ("model", local_path(cfg.model)),
-             ("CLIP model", local_path(cfg.clip_model)))
+             ("CLIP model", local_path(cfg.clip_model)), ("aesthetic model", local_path(cfg.aesthetic_model)),
+             ("safety checker", local_path(cfg.safety_checker)))
     paths = [LocalPath(role, path) for role, path in named if path is not None]
     output = local_path(cfg.output_url)
     if output is None or not probe_output:

@@ -40,7 +40,7 @@ from pipeline.outputs import (
     read_markers,
 )
 from pipeline.redact import redact
-from pipeline.rejected import rejected_table, split_rejected
+from pipeline.rejected import Filters, rejected_table, split_rejected
 from pipeline.shards import (
     IMAGE_EXTENSIONS,
     ShardRows,
@@ -149,7 +149,7 @@ class SinkResult:
     errors: int  # error rows written to errors/
     shards: int
     bytes: int  # data files only, markers excluded
-    rejected: int = 0  # rows below the minimum CLIP score, written to rejected/
+    rejected: int = 0  # rows filtered out by a score or the safety checker, written to rejected/
 
     @classmethod
     def from_markers(cls, markers: Iterable[dict[str, Any]]) -> SinkResult:
@@ -181,6 +181,8 @@ class KarloDatasink(Datasink[list[dict[str, Any]]]):
         rows_per_shard: int = 1000,
         settings: dict[str, Any] | None = None,
         min_clip_score: float | None = None,
+        min_aesthetic: float | None = None,
+        drop_unsafe: bool = False,
     ):
         if image_format not in IMAGE_EXTENSIONS:
             raise ValueError(f"image_format must be one of {sorted(IMAGE_EXTENSIONS)}, got {image_format!r}")
@@ -197,7 +199,8 @@ class KarloDatasink(Datasink[list[dict[str, Any]]]):
         self.output_format = output_format
         self.rows_per_shard = rows_per_shard
         self.settings = settings
-        self.min_clip_score = min_clip_score  # good rows scoring below go to rejected/
+        # Good rows scoring below a minimum, or flagged unsafe with drop_unsafe, go to rejected/.
+        self.filters = Filters(min_clip_score, min_aesthetic, drop_unsafe)
         self.result: SinkResult | None = None
 
     @property
@@ -227,7 +230,7 @@ class KarloDatasink(Datasink[list[dict[str, Any]]]):
         rows = rows.take(np.argsort(np.array(keys, dtype=object), kind="stable"))
         failed = error_mask(rows.table)
         good, bad = rows.filter(~failed), rows.filter(failed)
-        good, rejected = split_rejected(good, self.min_clip_score)
+        good, rejected = split_rejected(good, self.filters)
         written: dict[str, int] = {}  # path relative to root -> bytes
 
         def put(relpath: str, writer: Callable[..., None], *args: Any) -> None:

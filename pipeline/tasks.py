@@ -52,6 +52,7 @@ class Task:
 
 def task_of(cfg: RunConfig) -> Task:
     steps = {"decoder_steps": cfg.decoder_steps, "super_res_steps": cfg.super_res_steps}
+    scoring = {"clip_score": {"aesthetic_model": cfg.aesthetic_model, "safety_checker": cfg.safety_checker}}
     if cfg.task == "variations":
         return Task(
             name="variations",
@@ -63,6 +64,7 @@ def task_of(cfg: RunConfig) -> Task:
             embedded=EmbeddedModel(variations=True),
             row_settings=steps,
             clip_reference=C.IMAGE_EMB,
+            stage_settings=scoring,
             # The decoder reads the prior's scale as its guidance switch; with no prior it is always 1, which is
             # not a setting of the outputs.
             drop=(C.PRIOR_GUIDANCE_SCALE,),
@@ -76,6 +78,7 @@ def task_of(cfg: RunConfig) -> Task:
         prepared=PREPARED,
         embedded=EmbeddedModel(),
         row_settings={"prior_steps": cfg.prior_steps, **steps},
+        stage_settings=scoring,
     )
 
 

@@ -23,8 +23,8 @@ PAGE = "index.html"
 SHEET = "contact_sheet.png"  # the contact sheet beside the page, which links to it
 MAX_LISTED = 1000  # error and rejected rows listed per run; the counts are always complete
 # Shown on the card itself; every other metadata column goes under "details".
-_CARD_COLUMNS = (C.KEY, C.PROMPT, C.SEED, C.CLIP_SCORE, C.PRIOR_GUIDANCE_SCALE, C.DECODER_GUIDANCE_SCALE,
-                 C.NEGATIVE_PROMPT)
+_CARD_COLUMNS = (C.KEY, C.PROMPT, C.SEED, C.CLIP_SCORE, C.AESTHETIC_SCORE, C.NSFW, C.PRIOR_GUIDANCE_SCALE,
+                 C.DECODER_GUIDANCE_SCALE, C.NEGATIVE_PROMPT)
 
 
 
@@ -54,6 +54,10 @@ def _info(sample: Sample) -> str:
         parts.append(f"neg: {_e(row[C.NEGATIVE_PROMPT])}")
     if sample.score is not None:
         parts.append(f'<span class="score">score {sample.score:.4f}</span>')
+    if isinstance(row.get(C.AESTHETIC_SCORE), (int, float)):
+        parts.append(f'<span class="score">aesthetic {row[C.AESTHETIC_SCORE]:.2f}</span>')
+    if row.get(C.NSFW) is not None:
+        parts.append('<span class="nsfw">nsfw</span>' if row[C.NSFW] else "safe")
     return f'<p class="info">{" · ".join(parts)}</p>'
 
 

@@ -209,11 +209,12 @@ class RunReader:
 
     def rejected(self) -> list[Listed]:
         """Rows of committed shards filtered out for a low CLIP score (their rejected/ files), in input order."""
-        wanted = (C.KEY, C.PROMPT, C.SOURCE, C.SOURCE_ROW, C.CLIP_SCORE)  # not the images and embeddings they also hold
+        # Not the images and embeddings they also hold.
+        wanted = (C.KEY, C.PROMPT, C.SOURCE, C.SOURCE_ROW, C.CLIP_SCORE, C.REJECTED_REASON)
         tables = self._map(lambda path: read_columns(self.fs, path, wanted),
                            self.committed.files(REJECTED_DIR).values())
         rows = sorted((row for table in tables for row in table.to_pylist()), key=_input_order)
-        return [Listed(row[C.KEY], row.get(C.PROMPT), "clip score", _score_text(row.get(C.CLIP_SCORE))) for row in rows]
+        return [_rejected(row) for row in rows]
 
     def view(self, keys: Iterable[str]) -> RunView:
         return RunView(
@@ -226,6 +227,14 @@ class RunReader:
             error_rows=self.error_rows(),
             rejected=self.rejected(),
         )
+
+
+def _rejected(row: dict[str, Any]) -> Listed:
+    """A rejected row with its reason; rows of runs that wrote no reason were rejected for their CLIP score."""
+    score = _score_text(row.get(C.CLIP_SCORE))
+    if row.get(C.REJECTED_REASON):
+        return Listed(row[C.KEY], row.get(C.PROMPT), "filter", f"{row[C.REJECTED_REASON]} ({score})")
+    return Listed(row[C.KEY], row.get(C.PROMPT), "clip score", score)
 
 
 def _score_text(score: Any) -> str:

@@ -41,7 +41,7 @@ STEPS_AXIS, SAMPLES_AXIS = "steps", "seeds_per_prompt"
 # Short names of the usual axes in point names: pg4_dg8_steps25-25-7_n4.
 ABBREVIATIONS = {"prior_guidance_scale": "pg", "decoder_guidance_scale": "dg", "prior_steps": "ps",
                  "decoder_steps": "ds", "super_res_steps": "ss", "strength": "s", STEPS_AXIS: "steps",
-                 SAMPLES_AXIS: "n"}
+                 SAMPLES_AXIS: "n", "min_aesthetic": "aes", "drop_unsafe": "drop-unsafe"}
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
