@@ -21,7 +21,7 @@ from .actors import add_stage
 from .config import ConfigError, RunConfig
 from .embedded import EmbeddedModel, default_model
 from .encode import ENCODE_CPUS, add_encode
-from .manifest import identity_changes, identity_of_run, model_identity, new_manifest, now
+from .manifest import check_adapters, identity_changes, identity_of_run, model_identity, new_manifest, now
 from .outputs import (
     MANIFEST,
     RUN_FOLDERS,
@@ -185,6 +185,8 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     model = cfg.model or task.embedded.path()
     model_id = model_identity(model, cfg.storage_options)
     check_model_kind(cfg.task, model_id)
+    if cfg.lora:
+        check_adapters(model, cfg.lora, cfg.storage_options)
     clip_ref = clip_record = None
     if cfg.clip_score:
         clip_model = clip_model_for(cfg, model, default_model(variations=True) if cfg.model is None else None)
