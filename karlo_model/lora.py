@@ -193,11 +193,15 @@ def network_of(ref: str, adapter: Adapter) -> tuple[str, str, bool]:
     raise KeyError(ref)
 
 
-def module_name(network: nn.Module, rest: str, kohya: bool) -> str:
-    """Our name of the module a key names (kohya's "_"-joined names looked up among the network's); KeyError
-    for no Linear or Conv2d module of ``network``."""
-    if kohya:
-        flat = {name.replace(".", "_"): name for name, _ in network.named_modules() if name}
+def flat_names(network: nn.Module) -> dict[str, str]:
+    """kohya's name of each module of ``network`` ("." -> "_"), to ours."""
+    return {name.replace(".", "_"): name for name, _ in network.named_modules() if name}
+
+
+def module_name(network: nn.Module, rest: str, flat: Mapping[str, str] | None) -> str:
+    """Our name of the module a key names (a kohya name looked up in ``flat``, from ``flat_names``); KeyError
+    for no module of ``network``."""
+    if flat is not None:
         rest = flat[rest]
     try:
         network.get_submodule(rest)
@@ -219,6 +223,7 @@ def read(
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     keys_of: dict[tuple[str, str], list[str]] = {}
     unknown_style, unknown_module, unknown_network = [], [], []
+    kohya_names: dict[str, dict[str, str]] = {}
     for key, tensor in state.items():
         match = _PEFT_KEY.match(key) or _DIFFUSERS_KEY.match(key) or _ALPHA_KEY.match(key)
         if match is None:
@@ -236,8 +241,10 @@ def read(
             continue
         if network not in networks:
             continue  # another stage's network, checked where it loads (and on the driver)
+        if kohya and network not in kohya_names:
+            kohya_names[network] = flat_names(networks[network])
         try:
-            where = network, module_name(networks[network], rest, kohya)
+            where = network, module_name(networks[network], rest, kohya_names[network] if kohya else None)
         except KeyError:
             unknown_module.append(key)
             continue

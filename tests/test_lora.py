@@ -259,13 +259,13 @@ def test_generate_with_lora_and_a_resume_with_another_scale(base, tiny_model, tm
     result = runner.invoke(main, ["generate", str(prompts), str(out), "--lora", f"{path}:0.6", *FEW_STEPS])
     assert result.exit_code == 0, result.output
     output = read_output(out)
-    assert len(output.images) == 3
+    assert len(output.images()) == 3 and output.error_keys == []
     record = output.manifest["identity"]["settings"]["lora"]
     assert [(r["source"], r["scale"], len(r["sha256"])) for r in record] == [(str(path), 0.6, 64)]
     other = runner.invoke(main, ["generate", str(prompts), str(out), "--lora", f"{path}:0.7", *FEW_STEPS])
     assert other.exit_code == 2 and "already holds a run with different settings" in other.output, other.output
     assert "lora" in other.output
-    assert len(pq.read_table(prompts)) == len(read_output(out).images)
+    assert len(pq.read_table(prompts)) == len(read_output(out).images())
 
 
 def test_cli_refuses_a_mismatched_adapter_before_ray_starts(tiny_model, tmp_path, monkeypatch):
