@@ -335,12 +335,12 @@ def merge(network: nn.Module, factors: Mapping[str, Factors], scale: float, name
     result = set_peft_model_state_dict(network, state, adapter_name=name)
     if result.unexpected_keys:
         raise AdapterError(f"peft did not place the keys {_shown(result.unexpected_keys)}")
-    for module_name, layer in list(network.named_modules()):
+    for path, layer in list(network.named_modules()):
         if not isinstance(layer, LoraLayer):
             continue
         layer.set_scale(name, scale)  # scaling = scale * alpha / r
         layer.merge(adapter_names=[name])
-        parent, _, child = module_name.rpartition(".")
+        parent, _, child = path.rpartition(".")
         setattr(network.get_submodule(parent), child, layer.get_base_layer())
     del network.peft_config  # set by inject_adapter_in_model; the network is plain again
 

@@ -341,3 +341,35 @@ def test_adapters_at_urls_are_fetched_once_into_the_cache(base, tmp_path, s3_buc
     merged = merged_by_adapters(config, modules, remote, options=options)
     here = [Adapter(str(local), 0.5), Adapter(str(folder), 0.5)]
     assert_same_weights(merged, merged_by_adapters(config, modules, here), exact=True)
+
+
+def test_dry_run_refuses_a_mismatched_adapter(tiny_model, tmp_path):
+    path = tmp_path / "bad.safetensors"
+    save_file({"prior.proj_in.lora_A.weight": torch.zeros(2, 1), "prior.proj_in.lora_B.weight": torch.zeros(1, 2)},
+              str(path))
+    prompts = write_table(tmp_path / "prompts.parquet", prompt=["a red cube"])
+    result = CliRunner().invoke(main, ["generate", str(prompts), str(tmp_path / "out"), "--dry-run",
+                                                 "--lora", f"{path}:0.5"])
+    assert result.exit_code == 2, result.output
+    assert "mis-shaped keys: prior.proj_in.lora_A.weight" in result.output
+
+
+def test_modules_of_other_ranks_and_alphas(base, tmp_path):
+    """A kohya file whose modules differ in rank and alpha: each module is merged with its own alpha / r."""
+    config, modules = base
+    g = torch.Generator().manual_seed(12)
+    chosen = {"conv_in": (2, 3.0), "mid_block.resnets.0.conv1": (4, 1.0), "down_blocks.1.attentions.0.to_k": (2, 0.5),
+              "time_embedding.linear_1": (3, 3.0)}
+    state, expected = {}, copy.deepcopy(modules["decoder"]).double()
+    with torch.no_grad():
+        for name, (r, alpha) in chosen.items():
+            shapes = _factor_shapes(modules["decoder"].get_submodule(name), r)
+            down, up = (0.1 * torch.randn(s, generator=g) for s in shapes)
+            prefix = f"lora_unet_{name.replace('.', '_')}"
+            state |= {f"{prefix}.lora_down.weight": down, f"{prefix}.lora_up.weight": up,
+                      f"{prefix}.alpha": torch.tensor(alpha)}
+            w = expected.get_submodule(name).weight
+            w += (up.double().flatten(1) @ down.double().flatten(1)).reshape(w.shape) * (0.9 * alpha / r)
+    save_file(state, str(tmp_path / "ranks.safetensors"))
+    ours = merged_by_adapters(config, modules, [Adapter(str(tmp_path / "ranks.safetensors"), 0.9)])
+    assert_same_weights({"decoder": ours["decoder"]}, {"decoder": expected})
