@@ -26,6 +26,9 @@ from pipeline.config import (
     ConfigError,
     RunConfig,
     load_stage_config_file,
+    parse_adapters,
+    parse_stage_configs,
+    read_stage_config_file,
 )
 from pipeline.redact import redact
 
@@ -86,6 +89,10 @@ def _run_options(command):
                           "--clip-score)."),
         click.option("--drop-unsafe", is_flag=True,
                      help="Move rows the safety checker flags to rejected/ (default: flag them only)."),
+        click.option("--lora", "lora", multiple=True, metavar="PATH|URL[:SCALE]",
+                     help="LoRA adapter merged into the prior / decoder / super-res networks its keys name: a PEFT "
+                          "folder or a .safetensors file (diffusers or kohya keys); SCALE defaults to 1. Repeatable: "
+                          "adapters add up. Appended to the stage config's lora section."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -159,10 +166,11 @@ def _run_command(input_url, output_url, model, stage_config, device, dtype, prog
     if settings.get("min_clip_score") is not None:
         settings["clip_score"] = True
     try:
-        stages = (load_stage_config_file(Path(stage_config).read_text(), device, dtype, ALL_STAGE_NAMES)
-                  if stage_config else {})
+        sections = read_stage_config_file(Path(stage_config).read_text()) if stage_config else {}
+        stages = parse_stage_configs(sections, device, dtype, ALL_STAGE_NAMES) if stage_config else {}
+        lora = parse_adapters(sections) + _lora_options(settings.pop("lora"))
         cfg = RunConfig(input_url=input_url, output_url=output_url, model=model, device=device, dtype=dtype,
-                        stages=stages, **settings)
+                        stages=stages, lora=lora, **settings)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     if model is None:
@@ -204,6 +212,16 @@ def _run_command(input_url, output_url, model, stage_config, device, dtype, prog
 
 def _verbose() -> bool:
     return bool(click.get_current_context().find_root().params.get("verbose"))
+def _lora_options(values: tuple[str, ...]) -> tuple:
+    """The adapters of ``--lora PATH|URL[:SCALE]`` options (karlo_model is imported only when there are some)."""
+    if not values:
+        return ()
+    from karlo_model.lora import AdapterError, parse_adapter
+
+    try:
+        return tuple(parse_adapter(v) for v in values)
+    except AdapterError as e:
+        raise ConfigError(f"--lora: {e}") from None
 
 
 def _first_cause(e: BaseException) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import clip_vision, img2img
+from . import lora as lora_lib
 from . import text as text_lib
 from .config import KarloConfig
 from .fastpath import apply_fast_path, fast_by_default, network_call, state_dtype
@@ -132,16 +133,21 @@ class Karlo:
         storage_options: dict | None = None,
         fast: bool | None = None,
         compile: bool = False,
+        lora: Sequence[lora_lib.Adapter] = (),
     ) -> "Karlo":
         """Load a diffusers-format Karlo repo (kakaobrain/karlo-v1-alpha, or its image-variations sibling) from a
         folder or fsspec URL.
 
         ``stages`` limits loading to the components those stages need (a decoder actor loads no prior); None
-        loads every stage the repo has. ``fast`` and ``compile`` as for ``Karlo``.
+        loads every stage the repo has. ``fast`` and ``compile`` as for ``Karlo``. ``lora`` adapters are merged, in
+        order, into the loaded networks they target, in the weights' own dtype before the cast to ``dtype``
+        (karlo_model.lora).
         """
         root, components = fetch_stages(path_or_url, stages, storage_options)
         config = read_repo_configs(root)
         modules = load_modules(root, config, components)
+        if lora:
+            lora_lib.apply(modules, lora, lora_lib.model_networks(config), storage_options)
         tokenizer = text_lib.load_tokenizer(root / "tokenizer") if "text_encoder" in components else None
         return cls(config, modules, tokenizer, device, dtype, fast=fast, compile=compile)
 

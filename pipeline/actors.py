@@ -92,6 +92,8 @@ def add_stage(
     )
     if name in STAGE_NAMES:  # the sampling stages
         kwargs["steps"] = cfg.steps(name)
+        if cfg.lora:
+            kwargs["lora"] = cfg.lora
     with per_actor_scheduling():
         return ds.map_batches(
             actor,

@@ -7,6 +7,9 @@ A stage-config file sets each model stage's resources; keys missing from a stage
     prior:      {batch_size: 64, actors: 1, num_gpus: 0.1}
     decoder:    {batch_size: 32, actors: [1, 4], num_gpus: 0.3}
     super_res:  {batch_size: 8, actors: [2, 8], num_gpus: 0.6}
+    lora:       [s3://bucket/loras/style.safetensors:0.8, {path: sr-detail/, scale: 0.5, network: super_res_last}]
+
+The ``lora`` section lists LoRA adapters merged into the networks (karlo_model.lora), as ``--lora`` does.
 """
 
 from __future__ import annotations
@@ -15,9 +18,14 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import yaml
+
+from .redact import display_url
+
+if TYPE_CHECKING:
+    from karlo_model.lora import Adapter
 
 STAGE_NAMES = ("prior", "decoder", "super_res")
 # Every stage a stage-config file may set, in pipeline order: image variations replace the prior by the image encoder,
@@ -42,6 +50,7 @@ GPU_BATCH = {"prior": 64, "image_encoder": 64, "decoder": 32, "super_res": 8, "c
 
 
 CPU_SHARE = 0.2  # Ray CPUs per CPU stage actor (one torch thread each)
+LORA_SECTION = "lora"  # of a stage-config file: the run's LoRA adapters, not a stage
 
 
 class ConfigError(ValueError):
@@ -95,9 +104,9 @@ def parse_stage_configs(
 ) -> dict[str, StageConfig]:
     """Configs of the stages ``names`` from a parsed stage-config file (or None for the defaults)."""
     data = dict(data or {})
-    unknown = set(data) - {"defaults", *ALL_STAGE_NAMES}
+    unknown = set(data) - {"defaults", LORA_SECTION, *ALL_STAGE_NAMES}
     _check(not unknown, f"stage config: unknown sections {sorted(unknown)}; expected defaults, "
-                        f"{', '.join(ALL_STAGE_NAMES)}")
+                        f"{', '.join(ALL_STAGE_NAMES)}, {LORA_SECTION}")
     defaults = _section(data.get("defaults"), "defaults")
     run_device = defaults.get("device", device)
     run_dtype = defaults.get("dtype", dtype)
@@ -115,15 +124,44 @@ def parse_stage_configs(
     return out
 
 
-def load_stage_config_file(
-    text: str, device: str, dtype: str, names: Sequence[str] = STAGE_NAMES
-) -> dict[str, StageConfig]:
+def parse_adapters(data: Mapping[str, Any] | None) -> tuple[Adapter, ...]:
+    """The LoRA adapters of a parsed stage-config file's ``lora`` section: each ``PATH|URL[:SCALE]`` (as
+    ``--lora``) or ``{path, scale, network}``; () without one."""
+    entries = (data or {}).get(LORA_SECTION)
+    if entries is None:
+        return ()
+    _check(isinstance(entries, list), f"stage config [{LORA_SECTION}] must be a list of adapters")
+    from karlo_model.lora import Adapter, AdapterError, parse_adapter  # torch: only for runs with adapters
+
+    out = []
+    for entry in entries:
+        try:
+            if isinstance(entry, str):
+                out.append(parse_adapter(entry))
+                continue
+            _check(isinstance(entry, dict) and "path" in entry and not set(entry) - {"path", "scale", "network"},
+                   f"stage config [{LORA_SECTION}]: an adapter is PATH[:SCALE] or {{path, scale, network}}, got "
+                   f"{entry!r}")
+            out.append(Adapter(entry["path"], entry.get("scale", 1.0), entry.get("network")))
+        except AdapterError as e:
+            raise ConfigError(f"stage config [{LORA_SECTION}]: {e}") from None
+    return tuple(out)
+
+
+def read_stage_config_file(text: str) -> dict[str, Any]:
+    """A stage-config file's sections, parsed but not yet checked."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"stage config is not valid YAML: {e}") from None
     _check(data is None or isinstance(data, dict), "stage config must be a mapping of sections")
-    return parse_stage_configs(data, device, dtype, names)
+    return data or {}
+
+
+def load_stage_config_file(
+    text: str, device: str, dtype: str, names: Sequence[str] = STAGE_NAMES
+) -> dict[str, StageConfig]:
+    return parse_stage_configs(read_stage_config_file(text), device, dtype, names)
 
 
 _STAGE_KEYS = {f.name for f in dataclasses.fields(StageConfig)} - {"min_actors", "max_actors"} | {"actors"}
@@ -185,6 +223,7 @@ class RunConfig:
     safety_checker: str | None = None  # a StableDiffusionSafetyChecker folder: adds nsfw and the concept scores
     drop_unsafe: bool = False  # flagged rows go to rejected/ (otherwise they are only flagged)
     stages: dict[str, StageConfig] = field(default_factory=dict)
+    lora: tuple[Adapter, ...] = ()  # LoRA adapters merged, in order, into the networks (karlo_model.lora)
     placement_timeout: float = 0.0  # seconds to wait for GPUs the cluster lacks or has busy (pipeline.placement)
     storage_options: dict = field(default_factory=dict, repr=False)  # may hold credentials: never printed
 
@@ -194,6 +233,7 @@ class RunConfig:
         if self.aesthetic_model is not None or self.safety_checker is not None:
             # The curation scores read the CLIP score stage's image embeddings.
             object.__setattr__(self, "clip_score", True)
+        object.__setattr__(self, "lora", tuple(dataclasses.replace(a, source=_absolute(a.source)) for a in self.lora))
         for name in ("prior_steps", "decoder_steps", "super_res_steps"):
             _check(_is_int(getattr(self, name)) and getattr(self, name) >= 2, f"{name} must be an integer >= 2")
         for name in ("prior_guidance_scale", "decoder_guidance_scale"):
@@ -265,7 +305,16 @@ class RunConfig:
             settings["aesthetic_score"] = {"model": self.aesthetic_model, "min_aesthetic": self.min_aesthetic}
         if self.safety_checker is not None:
             settings["safety_checker"] = {"model": self.safety_checker, "drop_unsafe": self.drop_unsafe}
+        if self.lora:
+            settings["lora"] = self.adapter_records()
         return settings
+
+    def adapter_records(self) -> list[dict[str, Any]]:
+        """Each adapter's source (without credentials), scale, network and weight hashes, for the manifest."""
+        from karlo_model.lora import digest
+
+        return [{"source": display_url(a.source), "scale": a.scale, **({"network": a.network} if a.network else {}),
+                 **digest(a, self.storage_options)} for a in self.lora]
 
 
 def _is_int(v: Any) -> bool:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from .config import ConfigError, RunConfig
 from .embedded import default_model
-from .manifest import differences, identity_of_run, model_identity
+from .manifest import check_adapters, differences, identity_of_run, model_identity
 from .outputs import committed_keys, output_filesystem, read_manifest
 from .placement import PlacementError, format_layout, layout
 from .reader import plan_inputs
@@ -46,6 +46,8 @@ def dry_run(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
     model = cfg.model or default_model(variations)
     model_id = model_identity(model, cfg.storage_options)
     check_model_kind(cfg.task, model_id)
+    if cfg.lora:
+        check_adapters(model, cfg.lora, cfg.storage_options)
     # The curation models' weights are part of the identity; checking the CLIP tower comes with them.
     scorers = plan_scoring(cfg, model, task_of(cfg).clip_reference)[2]
     identity = identity_of_run(cfg.input_url, model_id, cfg.output_settings(), scorers)

@@ -15,16 +15,18 @@ import platform
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import fsspec
 from safetensors import SafetensorError, safe_open
 
 from karlo_model.fetch import cache_root, is_remote
+from karlo_model.lora import Adapter, check
+from karlo_model.repo import read_configs
 from karlo_model.weights import WeightsError, file_digest, load_torch_file, weight_file
 
 from .config import ConfigError
-from .redact import display_url, storage_error
+from .redact import display_url, redact, secret_values, storage_error
 
 PACKAGES = ("karlo-pipeline", "torch", "transformers", "ray", "pyarrow", "fsspec", "s3fs", "pillow", "numpy")
 
@@ -108,6 +110,17 @@ def model_identity(model: str, storage_options: dict | None = None) -> dict[str,
             entry["sha256"] = cached_digest(Path(f"{folder}/{chosen}"))
         weights[comp] = entry
     return {"model": display_url(model), "class": index.get("_class_name"), "weights": weights}
+
+
+def check_adapters(model: str, adapters: Sequence[Adapter], storage_options: dict | None = None) -> None:
+    """Raise ModelError for LoRA adapters that are missing or do not match ``model``'s networks (built on the meta
+    device from its configs: nothing but the adapters is loaded), before Ray starts and OUTPUT is touched."""
+    try:
+        check(read_configs(model, storage_options), adapters, storage_options)
+    except (WeightsError, FileNotFoundError) as e:
+        raise ModelError(redact(str(e), secret_values(storage_options))) from None
+    except OSError as e:
+        raise ModelError(f"cannot read a LoRA adapter: {storage_error(e, storage_options)}") from None
 
 
 def _check_header(path: Path, shown: str) -> None:

@@ -22,7 +22,7 @@ from .config import ConfigError, RunConfig
 from .embedded import EmbeddedModel
 from .encode import ENCODE_CPUS, add_encode
 from .init_images import uses_init_images
-from .manifest import identity_changes, identity_of_run, model_identity, new_manifest, now
+from .manifest import check_adapters, identity_changes, identity_of_run, model_identity, new_manifest, now
 from .outputs import (
     MANIFEST,
     RUN_FOLDERS,
@@ -189,6 +189,8 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     model = cfg.model or task.embedded.path()
     model_id = model_identity(model, cfg.storage_options)
     check_model_kind(cfg.task, model_id)
+    if cfg.lora:
+        check_adapters(model, cfg.lora, cfg.storage_options)
     clip_ref, clip_record, scorers = plan_scoring(cfg, model, task.clip_reference)
     return RunPlan(cfg, task, plan, model, cfg.model or task.embedded, model_id,
                    identity_of_run(cfg.input_url, model_id, cfg.output_settings(), scorers), clip_ref, clip_record,

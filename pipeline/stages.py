@@ -53,10 +53,12 @@ class Stage:
         storage_options: dict | None = None,
         torch_threads: int | None = None,
         skip_networks: bool = False,
+        lora: Sequence = (),  # karlo_model.lora.Adapter: merged into the stage's networks when they load
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.steps = steps
+        self.lora = tuple(lora)
         self.secrets = frozenset(secret_values(storage_options))
         self.load(model, device=device, dtype=dtype, storage_options=storage_options, skip_networks=skip_networks)
 
@@ -66,7 +68,8 @@ class Stage:
             self.model = MeasurementKarlo(read_configs(model, storage_options))
         else:
             self.model = Karlo.from_pretrained(
-                model, device=device, dtype=DTYPES[dtype], stages=self.components, storage_options=storage_options
+                model, device=device, dtype=DTYPES[dtype], stages=self.components, storage_options=storage_options,
+                lora=self.lora,
             )
         self.config = self.model.config
 

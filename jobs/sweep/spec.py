@@ -13,6 +13,7 @@ A spec (YAML)::
       decoder_guidance_scale: [4, 8]
       steps: [[25, 25, 7], [10, 10, 5]]              # prior, decoder, super-res
       seeds_per_prompt: [1, 4]
+      lora_scale: [0, 0.5, 1]                        # the scale of every adapter in stages' lora section
 """
 
 from __future__ import annotations
@@ -29,19 +30,20 @@ from typing import Any
 import fsspec
 import yaml
 
-from pipeline.config import ConfigError, RunConfig, parse_stage_configs
+from pipeline.config import LORA_SECTION, ConfigError, RunConfig, parse_adapters, parse_stage_configs
 from pipeline.redact import display_url
 
 SWEEP_FILE = "sweep.json"  # in the output root: the spec and the points in grid order
 # Settings of RunConfig a spec may set; the rest (input, output, model, stages) come from their own keys.
 SETTINGS = tuple(f.name for f in dataclasses.fields(RunConfig)
-                 if f.name not in ("input_url", "output_url", "model", "stages", "storage_options", "overwrite"))
+                 if f.name not in ("input_url", "output_url", "model", "stages", "lora", "storage_options",
+                                   "overwrite"))
 SPEC_KEYS = {"name", "prompts", "output", "model", "models", "settings", "stages", "stage_config", "grid"}
-STEPS_AXIS, SAMPLES_AXIS = "steps", "seeds_per_prompt"
+STEPS_AXIS, SAMPLES_AXIS, LORA_SCALE_AXIS = "steps", "seeds_per_prompt", "lora_scale"
 # Short names of the usual axes in point names: pg4_dg8_steps25-25-7_n4.
 ABBREVIATIONS = {"prior_guidance_scale": "pg", "decoder_guidance_scale": "dg", "prior_steps": "ps",
                  "decoder_steps": "ds", "super_res_steps": "ss", "strength": "s", STEPS_AXIS: "steps",
-                 SAMPLES_AXIS: "n", "min_aesthetic": "aes", "drop_unsafe": "drop-unsafe"}
+                 SAMPLES_AXIS: "n", "min_aesthetic": "aes", "drop_unsafe": "drop-unsafe", LORA_SCALE_AXIS: "lora"}
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -79,11 +81,13 @@ class Point:
 
     def as_dict(self, spec: SweepSpec) -> dict[str, Any]:
         model_url = spec.models[self.model]
+        adapters = point_adapters(spec, self)
+        lora = {"lora": [{"source": display_url(a.source), "scale": a.scale} for a in adapters]} if adapters else {}
         return {
             "name": self.name,
             "settings": {"prompts": display_url(spec.prompts[self.prompts]),
                          "model": display_url(model_url) if model_url else None,
-                         SAMPLES_AXIS: self.seeds_per_prompt, **self.settings},
+                         SAMPLES_AXIS: self.seeds_per_prompt, **self.settings, **lora},
         }
 
 
@@ -141,9 +145,12 @@ def parse_spec(data: Any, base: Path | None = None) -> SweepSpec:
         except yaml.YAMLError as e:
             raise ConfigError(f"sweep spec: stage_config is not valid YAML: {e}") from None
     _check(stages is None or isinstance(stages, dict), "sweep spec: stages must be a mapping (stage-config format)")
+    if stages and stages.get(LORA_SECTION):  # adapter paths, like the spec's others, relative to the spec's folder
+        stages = {**stages, LORA_SECTION: [{"path": _resolve(a.source, base), "scale": a.scale, "network": a.network}
+                                           for a in parse_adapters(stages)]}
     grid = data.get("grid") or {}
     _check(isinstance(grid, dict), "sweep spec: grid must be a mapping of axis to a list of values")
-    allowed_axes = set(SETTINGS) | {STEPS_AXIS, SAMPLES_AXIS}
+    allowed_axes = set(SETTINGS) | {STEPS_AXIS, SAMPLES_AXIS, LORA_SCALE_AXIS}
     for axis, values in grid.items():
         _check(axis in allowed_axes, f"sweep spec: unknown grid axis {axis!r}; allowed: {sorted(allowed_axes)}")
         _check(isinstance(values, list) and values, f"sweep spec: grid.{axis} must be a non-empty list")
@@ -156,6 +163,11 @@ def parse_spec(data: Any, base: Path | None = None) -> SweepSpec:
         for v in grid[STEPS_AXIS]:
             _check(isinstance(v, list) and len(v) == 3, f"sweep spec: grid.steps values are [prior, decoder, "
                                                         f"super_res], got {v!r}")
+    if LORA_SCALE_AXIS in grid:
+        _check(bool(parse_adapters(stages)), "sweep spec: grid.lora_scale needs adapters in the stages' lora section")
+        for v in grid[LORA_SCALE_AXIS]:
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool),
+                   f"sweep spec: lora_scale values must be numbers, got {v!r}")
     for v in grid.get(SAMPLES_AXIS, []):
         _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                f"sweep spec: seeds_per_prompt values must be integers >= 1, got {v!r}")
@@ -229,10 +241,18 @@ def points(spec: SweepSpec) -> list[Point]:
     return out
 
 
+def point_adapters(spec: SweepSpec, point: Point) -> tuple:
+    """The LoRA adapters of the spec's stages, each at the point's lora_scale when that is an axis."""
+    adapters = parse_adapters(spec.stages)
+    if LORA_SCALE_AXIS not in point.axes:
+        return adapters
+    return tuple(dataclasses.replace(a, scale=point.axes[LORA_SCALE_AXIS]) for a in adapters)
+
+
 def run_config(spec: SweepSpec, point: Point, *, input_url: str, output_url: str,
                overwrite: bool = False) -> RunConfig:
     settings = dict(point.settings)
     device, dtype = settings.get("device", "cpu"), settings.get("dtype", "float32")
     stages = parse_stage_configs(spec.stages, device, dtype) if spec.stages is not None else {}
     return RunConfig(input_url=input_url, output_url=output_url, model=spec.models[point.model], stages=stages,
-                     overwrite=overwrite, **settings)
+                     lora=point_adapters(spec, point), overwrite=overwrite, **settings)
