@@ -81,6 +81,7 @@ class RunSummary:
     images_this_run: int
     rejected: int = 0  # rows below the minimum CLIP score, committed in rejected/
     start_up_seconds: float | None = None  # until the first batch began: Ray, actor processes, model loads
+    clip_scored: bool = False  # the run scores its images: good rows also have clip_img_emb/ files
 
     @property
     def complete(self) -> bool:
@@ -305,6 +306,7 @@ def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str
         images_this_run=this_run.rows,
         rejected=total.rejected,
         start_up_seconds=None if first_batch is None else max(0.0, first_batch - started),
+        clip_scored=cfg.clip_score,
     )
     _close_manifest(manifest, summary, this_run)
     write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
