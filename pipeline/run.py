@@ -18,6 +18,7 @@ import ray
 from . import columns as C
 from . import crashes
 from .actors import add_stage
+from .catalog import CARD, SHARD_LIST, write_catalog
 from .config import ConfigError, RunConfig
 from .embedded import EmbeddedModel, default_model
 from .encode import ENCODE_CPUS, add_encode
@@ -258,7 +259,7 @@ def _open_output(cfg: RunConfig, fs: Any, root: str, replace: bool) -> None:
         for folder in RUN_FOLDERS:
             if fs.exists(f"{root}/{folder}"):
                 fs.rm(f"{root}/{folder}", recursive=True)
-        for name in (MANIFEST, SUCCESS):
+        for name in (MANIFEST, SUCCESS, SHARD_LIST, CARD):
             if fs.exists(f"{root}/{name}"):
                 fs.rm(f"{root}/{name}")
 
@@ -292,7 +293,8 @@ def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str
         first_batch, manifest["actors"] = execute(p, done, sink, reservation, echo, progress_interval)
     this_run = sink.result or SinkResult(0, 0, 0, 0)
 
-    total = SinkResult.from_markers(committed_shards(cfg.output_url, cfg.storage_options))
+    markers = committed_shards(cfg.output_url, cfg.storage_options)
+    total = SinkResult.from_markers(markers)
     summary = RunSummary(
         output_url=display_url(cfg.output_url),
         rows_in=p.input.total_rows,
@@ -309,6 +311,7 @@ def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str
         clip_scored=cfg.clip_score,
     )
     _close_manifest(manifest, summary, this_run)
+    write_catalog(fs, root, markers)
     write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
     if summary.complete:
         write_json_atomic(fs, f"{root}/{SUCCESS}", {"finished": manifest["finished"]})

@@ -123,6 +123,25 @@ def test_local_run_reads_back_with_webdataset(local_run):
         assert len(runs) == len(set(runs)) and len(stems) == 3 * len(runs)
 
 
+def test_local_run_opens_with_webdataset_from_its_shard_list(local_run):
+    """images.txt lists every committed tar, so webdataset needs no glob (it takes none) and no brace range."""
+    import webdataset as wds
+
+    listed = (local_run.root / "images.txt").read_text().split()
+    assert listed == sorted(str(p) for p in (local_run.root / "images").glob("*.tar"))
+    samples = list(wds.WebDataset(open(local_run.root / "images.txt").read().split(), shardshuffle=False))
+    assert sorted(s["__key__"] for s in samples) == IDS
+
+
+def test_local_run_loads_with_datasets_by_its_dataset_card(local_run, tmp_path):
+    """README.md's configs keep metadata (the default here: images are in tars) apart from other tables."""
+    import datasets
+
+    assert datasets.get_dataset_config_names(str(local_run.root)) == ["metadata"]
+    ds = datasets.load_dataset(str(local_run.root), split="train", cache_dir=str(tmp_path / "hf"))
+    assert sorted(ds["key"]) == IDS and "style" in ds.column_names
+
+
 def test_local_run_reads_back_with_embedding_reader(local_run):
     from embedding_reader import EmbeddingReader
 
@@ -202,6 +221,14 @@ def test_s3_run_parquet_images_config_b(s3_bucket, ray_local, tiny_model, tmp_pa
     assert isinstance(ds.features["image"], datasets.Image) and ds.num_rows == 8
     loaded = {row["key"]: np.asarray(row["image"].convert("RGB")) for row in ds}
     assert loaded.keys() == set(out.keys)
+
+    # The run root opens as it is: its dataset card makes the Parquet images the default config.
+    card = datasets.load_dataset(str(root), split="train", cache_dir=str(tmp_path / "hf"))
+    assert isinstance(card.features["image"], datasets.Image) and sorted(card["key"]) == sorted(out.keys)
+    assert {row["key"]: np.asarray(row["image"].convert("RGB")) for row in card}.keys() == loaded.keys()
+    assert datasets.load_dataset(str(root), "metadata", split="train", cache_dir=str(tmp_path / "hf")).num_rows == 8
+    assert (root / "images.txt").read_text().split() == [f"{s3_bucket.url}/out/images/{p.name}" for p in
+                                                         sorted((root / "images").glob("*.parquet"))]
 
     images, img_emb, text_emb = reference(tiny_model, prompts, seeds, threads=1)
     by_seed = {seed: i for i, seed in enumerate(seeds)}
