@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import time
 from importlib import metadata
 from pathlib import Path
@@ -39,6 +40,8 @@ def new_manifest(identity: dict[str, Any], previous: dict[str, Any] | None, *, i
         "status": "running",
         "started": (previous or {}).get("started", now()),
         "attempts": (previous or {}).get("attempts", 0) + 1,
+        # While status is "running": whose attempt it is, so that one whose process is gone reads as interrupted.
+        "driver": {"host": socket.gethostname(), "pid": os.getpid()},
         "input_rows": input_rows,
         "bad_files": [list(b) for b in bad_files],
         "stages": {name: dataclasses.asdict(s) for name, s in stages.items()},
