@@ -1,8 +1,8 @@
 """The run-root files by which other tools open a run: the list of its image shards and its dataset card.
 
-    images.txt   the URL of every committed image shard, one a line, sorted: webdataset takes brace ranges or
-                 lists, not globs, and shard names are content hashes (pipeline.shards.shard_id), so no brace
-                 range names them; ``wds.WebDataset(open("RUN/images.txt").read().split())`` opens the images.
+    images.txt   every committed image shard, one a line, sorted, relative to the run root (as the card's
+                 data_files are, so a copied or synced run stays true): webdataset takes brace ranges or lists, not
+                 globs, and shard names are content hashes (pipeline.shards.shard_id), so no brace range names them.
     README.md    a Hugging Face dataset card whose ``configs`` give each folder of Parquet files its own config,
                  so ``datasets.load_dataset(RUN)`` does not mix the images, metadata, error and rejected tables.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 from .outputs import ERRORS_DIR, IMAGES_DIR, METADATA_DIR, REJECTED_DIR
 from .sinks import open_atomic
@@ -40,7 +39,7 @@ def write_catalog(fs: fsspec.AbstractFileSystem, root: str, markers: Iterable[di
     """Write ``images.txt`` and ``README.md`` under ``root`` for the committed shards ``markers``."""
     files = sorted(rel for marker in markers for rel in marker["files"])
     images = [rel for rel in files if rel.startswith(f"{IMAGES_DIR}/")]
-    _write_text(fs, f"{root}/{SHARD_LIST}", "".join(f"{_url(fs, f'{root}/{rel}')}\n" for rel in images))
+    _write_text(fs, f"{root}/{SHARD_LIST}", "".join(f"{rel}\n" for rel in images))
     _write_text(fs, f"{root}/{CARD}", dataset_card(files))
 
 
@@ -62,18 +61,21 @@ def dataset_card(files: list[str]) -> str:
     body += [f"- `{name}` ({_CONFIGS[name]}/): {_DESCRIPTIONS[name]}" for name in present]
     body += ["- `img_emb/`, `text_emb/`: (N, D) float16 CLIP embeddings, `.npy` files row-aligned with `metadata/` "
              "(embedding-reader)",
-             f"- `{SHARD_LIST}`: the image shards, for `wds.WebDataset(open(\"{SHARD_LIST}\").read().split())`"]
+             f"- `{SHARD_LIST}`: the image shards, relative to this folder, for `wds.WebDataset` (which takes lists, "
+             "not globs)"]
     # A run with no committed rows yet has no folder to name: a card without configs, which datasets reads as
     # an empty folder rather than failing on a pattern that matches nothing.
     head = ["---", *front, "---", ""] if present else []
     return "\n".join(head + body) + "\n"
 
 
-def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """A shard's address as readers take it: a plain path for local files, else the storage's URL."""
-    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
-
-
 def _write_text(fs: fsspec.AbstractFileSystem, path: str, text: str) -> None:
+    """Write ``text`` to ``path`` unless it holds it already: a rerun that commits nothing rewrites nothing."""
+    data = text.encode("utf-8")
+    try:
+        if fs.cat_file(path) == data:
+            return
+    except FileNotFoundError:
+        pass
     with open_atomic(fs, path) as f:
-        f.write(text.encode("utf-8"))
+        f.write(data)

@@ -127,9 +127,11 @@ def test_local_run_opens_with_webdataset_from_its_shard_list(local_run):
     """images.txt lists every committed tar, so webdataset needs no glob (it takes none) and no brace range."""
     import webdataset as wds
 
-    listed = (local_run.root / "images.txt").read_text().split()
-    assert listed == sorted(str(p) for p in (local_run.root / "images").glob("*.tar"))
-    samples = list(wds.WebDataset(open(local_run.root / "images.txt").read().split(), shardshuffle=False))
+    root = local_run.root
+    listed = (root / "images.txt").read_text().split()
+    assert listed == sorted(f"images/{p.name}" for p in (root / "images").glob("*.tar"))
+    samples = list(wds.WebDataset([f"{root}/{name}" for name in open(f"{root}/images.txt").read().split()],
+                                  shardshuffle=False))
     assert sorted(s["__key__"] for s in samples) == IDS
 
 
@@ -227,7 +229,7 @@ def test_s3_run_parquet_images_config_b(s3_bucket, ray_local, tiny_model, tmp_pa
     assert isinstance(card.features["image"], datasets.Image) and sorted(card["key"]) == sorted(out.keys)
     assert {row["key"]: np.asarray(row["image"].convert("RGB")) for row in card}.keys() == loaded.keys()
     assert datasets.load_dataset(str(root), "metadata", split="train", cache_dir=str(tmp_path / "hf")).num_rows == 8
-    assert (root / "images.txt").read_text().split() == [f"{s3_bucket.url}/out/images/{p.name}" for p in
+    assert (root / "images.txt").read_text().split() == [f"images/{p.name}" for p in
                                                          sorted((root / "images").glob("*.parquet"))]
 
     images, img_emb, text_emb = reference(tiny_model, prompts, seeds, threads=1)
