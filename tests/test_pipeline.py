@@ -368,7 +368,9 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(local_run, tmp_pa
     out = read_output(root)
     assert sorted(out.metadata.column("prompt").to_pylist()) == ["a small boat", "a tall tree"]
     assert out.manifest["identity"]["settings"]["prior_steps"] == 4 and out.manifest["attempts"] == 1
-    assert not (set(file_states(root)) & {p for p in before if not p.startswith(("manifest", "_SUCCESS"))})
+    # Run-root files (manifest, _SUCCESS, the shard list and dataset card) are rewritten; no shard file remains.
+    run_files = ("manifest", "_SUCCESS", "README.md", "images.txt")
+    assert not (set(file_states(root)) & {p for p in before if not p.startswith(run_files)})
 
 
 # ---------------------------------------------------------------------------------------------- per-row settings
