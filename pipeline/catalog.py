@@ -59,8 +59,9 @@ def dataset_card(files: list[str]) -> str:
             "Images generated with Karlo v1 alpha (unCLIP) by karlo-pipeline; `manifest.json` records the model, "
             "settings and counts.", ""]
     body += [f"- `{name}` ({_CONFIGS[name]}/): {_DESCRIPTIONS[name]}" for name in present]
-    body += ["- `img_emb/`, `text_emb/`: (N, D) float16 CLIP embeddings, `.npy` files row-aligned with `metadata/` "
-             "(embedding-reader)",
+    body += ["- `img_emb/`, `text_emb/`: (N, D) float16 L2-normalised CLIP embeddings, `.npy` files row-aligned with "
+             "`metadata/` (embedding-reader, clip-retrieval)",
+             "- `raw_img_emb/`: the image embeddings as the decoder took them (the prior's output), unnormalised",
              f"- `{SHARD_LIST}`: the image shards, relative to this folder, for `wds.WebDataset` (which takes lists, "
              "not globs)"]
     # A run with no committed rows yet has no folder to name: a card without configs, which datasets reads as

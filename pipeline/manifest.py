@@ -143,9 +143,15 @@ def _cached_digest(path: Path) -> str:
     return digest
 
 
+# What the files of a shard hold (pipeline.sinks). 2: img_emb/ and text_emb/ L2-normalised, the prior's raw output
+# in raw_img_emb/. Runs written before have no layout in their identity: resuming one would mix raw and normalised
+# embeddings in one folder, so it is refused as another run (--overwrite replaces it).
+LAYOUT = 2
+
+
 def identity_of_run(input_url: str, model_id: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     """What must match for a rerun to continue the same output."""
-    return {"input": display_url(input_url), "model": model_id, "settings": settings}
+    return {"input": display_url(input_url), "layout": LAYOUT, "model": model_id, "settings": settings}
 
 
 def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

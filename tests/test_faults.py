@@ -38,6 +38,7 @@ ROWS_PER_SHARD = 2
 # dataset card. No temporary file.
 _OUTPUT_NAME = re.compile(
     r"(images/[0-9a-f]{16}\.tar|img_emb/img_emb_[0-9a-f]{16}\.npy|text_emb/text_emb_[0-9a-f]{16}\.npy|"
+    r"raw_img_emb/raw_img_emb_[0-9a-f]{16}\.npy|"
     r"metadata/metadata_[0-9a-f]{16}\.parquet|errors/errors_[0-9a-f]{16}\.parquet|_commits/[0-9a-f]{16}\.json|"
     r"manifest\.json|_SUCCESS|images\.txt|README\.md)"
 )
