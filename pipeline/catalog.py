@@ -7,8 +7,9 @@
                  so ``datasets.load_dataset(RUN)`` does not mix the images, metadata, error and rejected tables.
 
 Both are written by the driver alone, from the commit markers, when an attempt ends (every write task has
-returned), and rewritten by every later attempt: they list exactly the shards committed so far, whatever the
-number of writers or retries, and the same shards give the same bytes. Numbering shards instead (img2dataset's
+returned), and rewritten by every later attempt: they list exactly the committed shards, whatever the number of
+writers or retries, and the same shards give the same bytes. An attempt that dies leaves the files of the one
+before, which miss the shards it committed until a rerun ends. Numbering shards instead (img2dataset's
 00000.tar) would need a counter shared by the writers, and a retried write could take a new number.
 """
 
