@@ -147,7 +147,7 @@ def variations(input_url, output_url, model, stage_config, device, dtype, progre
 
     INPUT_URL: Parquet file(s) as for generate, with an image column (see --image-column) and optional `id`,
     `seed`, `decoder_guidance_scale` columns. Images that are missing or cannot be decoded become error rows.
-    The outputs have generate's layout; img_emb/ holds the input images' CLIP embeddings.
+    The outputs have generate's layout; img_emb/ holds the input images' CLIP embeddings (normalised).
     """
     _run_command(input_url, output_url, model, stage_config, device, dtype, progress_interval,
                  {**settings, "task": "variations"}, repo="kakaobrain/karlo-v1-alpha-image-variations")

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline.outputs import ERRORS_DIR, IMAGES_DIR, IMG_EMB_DIR, MANIFEST, METADATA_DIR, REJECTED_DIR, TEXT_EMB_DIR
+from pipeline.outputs import (
+    CLIP_EMB_DIR,
+    ERRORS_DIR,
+    IMAGES_DIR,
+    IMG_EMB_DIR,
+    MANIFEST,
+    METADATA_DIR,
+    REJECTED_DIR,
+    TEXT_EMB_DIR,
+)
 from pipeline.progress import PREFIX, format_duration
 
 if TYPE_CHECKING:  # annotations only: pipeline.run imports Ray, which the summary does not need
@@ -34,9 +43,10 @@ def format_summary(s: RunSummary) -> str:
 
 
 def _folders(s: RunSummary) -> list[str]:
-    """The run's folders that hold something."""
-    folders = [IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR, METADATA_DIR] + [ERRORS_DIR] * bool(s.errors) + \
-        [REJECTED_DIR] * bool(s.rejected)
+    """The run's folders that hold something: a shard writes a folder's file exactly when it has rows for it
+    (pipeline.sinks), so the committed counts say which folders exist."""
+    good = [IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR, METADATA_DIR] + [CLIP_EMB_DIR] * s.clip_scored
+    folders = good * bool(s.written) + [ERRORS_DIR] * bool(s.errors) + [REJECTED_DIR] * bool(s.rejected)
     return [f"{folder}/" for folder in folders]
 
 

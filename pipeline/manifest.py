@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import time
 from importlib import metadata
 from pathlib import Path
@@ -42,6 +43,8 @@ def new_manifest(identity: dict[str, Any], previous: dict[str, Any] | None, *, i
         "status": "running",
         "started": (previous or {}).get("started", now()),
         "attempts": (previous or {}).get("attempts", 0) + 1,
+        # While status is "running": whose attempt it is, so that one whose process is gone reads as interrupted.
+        "driver": {"host": socket.gethostname(), "pid": os.getpid()},
         "input_rows": input_rows,
         "bad_files": [list(b) for b in bad_files],
         "stages": {name: dataclasses.asdict(s) for name, s in stages.items()},
@@ -156,11 +159,17 @@ def cached_digest(path: Path) -> str:
     return digest
 
 
+# What the files of a shard hold (pipeline.sinks). 2: img_emb/ and text_emb/ L2-normalised, the prior's raw output
+# in raw_img_emb/. Runs written before have no layout in their identity: resuming one would mix raw and normalised
+# embeddings in one folder, so it is refused as another run (--overwrite replaces it).
+LAYOUT = 2
+
+
 def identity_of_run(input_url: str, model_id: dict[str, Any], settings: dict[str, Any],
                     scorers: dict[str, Any] | None = None) -> dict[str, Any]:
     """What must match for a rerun to continue the same output; ``scorers`` (the curation models' records, with
     their weights' sha256) only when a run uses them, so that other runs' identity is what it was."""
-    identity = {"input": display_url(input_url), "model": model_id, "settings": settings}
+    identity = {"input": display_url(input_url), "layout": LAYOUT, "model": model_id, "settings": settings}
     if scorers:
         identity["scorers"] = scorers
     return identity

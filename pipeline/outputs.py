@@ -3,8 +3,11 @@
 Layout under the output URL, per shard id X (16 hex chars, the same X in every folder so names sort alike):
 
     images/X.tar | images/X.parquet      webdataset tar, or Parquet with a Hugging Face Image column
-    img_emb/img_emb_X.npy                (N, D) float16, row-aligned with metadata_X.parquet
-    text_emb/text_emb_X.npy              (N, D) float16, row-aligned with metadata_X.parquet
+    img_emb/img_emb_X.npy                (N, D) float16 L2-normalised CLIP image embeddings, row-aligned with
+                                         metadata_X.parquet (clip-retrieval's img_emb/)
+    text_emb/text_emb_X.npy              (N, D) float16 L2-normalised CLIP text embeddings, row-aligned alike
+    raw_img_emb/raw_img_emb_X.npy        (N, D) float16, the image embeddings as the decoder took them: the
+                                         prior's output (variations: the input image's CLIP embedding)
     metadata/metadata_X.parquet          one row per good row: key, prompt, seed, settings, pass-through
     errors/errors_X.parquet              one row per error row: key, source, prompt, stage, reason
     clip_img_emb/clip_img_emb_X.npy      with CLIP scoring: the score tower's image embeddings
@@ -34,11 +37,12 @@ import pyarrow.parquet as pq
 from pipeline import columns as C
 from pipeline.schema import READ
 
-IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR = "images", "img_emb", "text_emb"
+IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR, RAW_IMG_EMB_DIR = "images", "img_emb", "text_emb", "raw_img_emb"
 METADATA_DIR, ERRORS_DIR, COMMITS_DIR = "metadata", "errors", "_commits"
 # With CLIP scoring (pipeline.scoring): the score tower's image embeddings, and rows below --min-clip-score.
 CLIP_EMB_DIR, REJECTED_DIR = "clip_img_emb", "rejected"
-RUN_FOLDERS = (IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR, METADATA_DIR, ERRORS_DIR, CLIP_EMB_DIR, REJECTED_DIR, COMMITS_DIR)
+RUN_FOLDERS = (IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR, RAW_IMG_EMB_DIR, METADATA_DIR, ERRORS_DIR, CLIP_EMB_DIR,
+               REJECTED_DIR, COMMITS_DIR)
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
 
@@ -49,6 +53,7 @@ SHARD_FILE_NAMES = {
     IMAGES_DIR: re.compile(_ID + r"\.(?:tar|parquet)"),
     IMG_EMB_DIR: re.compile(r"img_emb_" + _ID + r"\.npy"),
     TEXT_EMB_DIR: re.compile(r"text_emb_" + _ID + r"\.npy"),
+    RAW_IMG_EMB_DIR: re.compile(r"raw_img_emb_" + _ID + r"\.npy"),
     METADATA_DIR: re.compile(r"metadata_" + _ID + r"\.parquet"),
     ERRORS_DIR: re.compile(r"errors_" + _ID + r"\.parquet"),
     CLIP_EMB_DIR: re.compile(r"clip_img_emb_" + _ID + r"\.npy"),

@@ -18,6 +18,7 @@ import ray
 from . import columns as C
 from . import crashes
 from .actors import add_stage
+from .catalog import CARD, SHARD_LIST, write_catalog
 from .config import ConfigError, RunConfig
 from .embedded import EmbeddedModel
 from .encode import ENCODE_CPUS, add_encode
@@ -82,6 +83,7 @@ class RunSummary:
     images_this_run: int
     rejected: int = 0  # rows below the minimum CLIP score, committed in rejected/
     start_up_seconds: float | None = None  # until the first batch began: Ray, actor processes, model loads
+    clip_scored: bool = False  # the run scores its images: good rows also have clip_img_emb/ files
 
     @property
     def complete(self) -> bool:
@@ -261,7 +263,7 @@ def _open_output(cfg: RunConfig, fs: Any, root: str, replace: bool) -> None:
         for folder in RUN_FOLDERS:
             if fs.exists(f"{root}/{folder}"):
                 fs.rm(f"{root}/{folder}", recursive=True)
-        for name in (MANIFEST, SUCCESS):
+        for name in (MANIFEST, SUCCESS, SHARD_LIST, CARD):
             if fs.exists(f"{root}/{name}"):
                 fs.rm(f"{root}/{name}")
 
@@ -296,7 +298,8 @@ def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str
         first_batch, manifest["actors"] = execute(p, done, sink, reservation, echo, progress_interval, live)
     this_run = sink.result or SinkResult(0, 0, 0, 0)
 
-    total = SinkResult.from_markers(committed_shards(cfg.output_url, cfg.storage_options))
+    markers = committed_shards(cfg.output_url, cfg.storage_options)
+    total = SinkResult.from_markers(markers)
     summary = RunSummary(
         output_url=display_url(cfg.output_url),
         rows_in=p.input.total_rows,
@@ -310,8 +313,10 @@ def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str
         images_this_run=this_run.rows,
         rejected=total.rejected,
         start_up_seconds=None if first_batch is None else max(0.0, first_batch - started),
+        clip_scored=cfg.clip_score,
     )
     _close_manifest(manifest, summary, this_run)
+    write_catalog(fs, root, markers)
     write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
     if summary.complete:
         write_json_atomic(fs, f"{root}/{SUCCESS}", {"finished": manifest["finished"]})

@@ -285,6 +285,13 @@ def _prompt_as_text(prompts: pa.ChunkedArray) -> pa.Array:
     return pa.array([None if p is None else repr(p) for p in prompts.to_pylist()], pa.string())
 
 
+def l2_normalised(embeddings: np.ndarray) -> np.ndarray:
+    """(N, D) rows scaled to unit L2 norm in float32 (a zero row, as an error row's placeholder, stays zero)."""
+    rows = embeddings.astype(np.float32)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)  # (N, 1)
+    return rows / np.where(norms > 0, norms, 1.0)
+
+
 def write_npy(f: BinaryIO, embeddings: np.ndarray) -> None:
     """Save (N, D) embeddings as C-order little-endian float16, the layout embedding-reader parses."""
     if embeddings.ndim != 2:

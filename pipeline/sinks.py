@@ -32,6 +32,7 @@ from pipeline.outputs import (
     IMAGES_DIR,
     IMG_EMB_DIR,
     METADATA_DIR,
+    RAW_IMG_EMB_DIR,
     REJECTED_DIR,
     SHARD_FILE_NAMES,
     TEXT_EMB_DIR,
@@ -49,6 +50,7 @@ from pipeline.shards import (
     error_mask,
     errors_table,
     iter_shards,
+    l2_normalised,
     metadata_table,
     require_columns,
     require_no_clash,
@@ -244,8 +246,11 @@ class KarloDatasink(Datasink[list[dict[str, Any]]]):
             metadata = metadata_table(good, self.settings)
             ext, write_images = _IMAGE_WRITERS[self.output_format]
             put(f"{IMAGES_DIR}/{shard}.{ext}", write_images, metadata, good.tensor(C.IMAGE), self.image_format)
-            put(f"{IMG_EMB_DIR}/img_emb_{shard}.npy", write_npy, good.tensor(C.IMAGE_EMB))
-            put(f"{TEXT_EMB_DIR}/text_emb_{shard}.npy", write_npy, good.tensor(C.TEXT_EMB))
+            # Unit rows, as clip-retrieval writes these folders and autofaiss's inner-product indexes expect;
+            # the decoder's own input stays in raw_img_emb/, for decoding again.
+            put(f"{IMG_EMB_DIR}/img_emb_{shard}.npy", write_npy, l2_normalised(good.tensor(C.IMAGE_EMB)))
+            put(f"{TEXT_EMB_DIR}/text_emb_{shard}.npy", write_npy, l2_normalised(good.tensor(C.TEXT_EMB)))
+            put(f"{RAW_IMG_EMB_DIR}/raw_img_emb_{shard}.npy", write_npy, good.tensor(C.IMAGE_EMB))
             put(f"{METADATA_DIR}/metadata_{shard}.parquet", write_parquet, metadata)
             if C.CLIP_IMAGE_EMB in good.tensors:
                 put(f"{CLIP_EMB_DIR}/clip_img_emb_{shard}.npy", write_npy, good.tensor(C.CLIP_IMAGE_EMB))

@@ -135,6 +135,12 @@ def assert_float16_of(stored: np.ndarray, expected: np.ndarray) -> None:
     assert np.abs(stored.astype(np.float32) - expected).max() <= 2e-3
 
 
+def unit_rows(embeddings: np.ndarray) -> np.ndarray:
+    """float32 (N, D) rows divided by their L2 norms."""
+    rows = embeddings.astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
 def write_table(path: Path, **columns) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(columns), path)
@@ -153,8 +159,9 @@ class Output:
     markers: list[dict]
     metadata: pa.Table  # good rows, in shard-name order (the order embeddings are aligned with)
     errors: pa.Table
-    img_emb: np.ndarray
-    text_emb: np.ndarray
+    img_emb: np.ndarray  # L2-normalised
+    text_emb: np.ndarray  # L2-normalised
+    raw_img_emb: np.ndarray  # as the decoder took them
     manifest: dict
 
     @property
@@ -208,6 +215,7 @@ def read_output(root: Path) -> Output:
         errors=errors,
         img_emb=embeddings("img_emb"),
         text_emb=embeddings("text_emb"),
+        raw_img_emb=embeddings("raw_img_emb"),
         manifest=json.loads((root / "manifest.json").read_text()),
     )
 

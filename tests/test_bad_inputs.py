@@ -56,7 +56,7 @@ def assert_accounted(out, rows_in: int) -> None:
 
 def assert_inside(output: Path) -> None:
     """Every file a run wrote is under OUTPUT in one of its folders, with a plain shard-style name."""
-    folders = {"images", "img_emb", "text_emb", "metadata", "errors", "_commits"}
+    folders = {"images", "img_emb", "text_emb", "raw_img_emb", "metadata", "errors", "_commits"}
     for path in output.rglob("*"):
         rel = path.relative_to(output)
         if path.is_file() and len(rel.parts) > 1:

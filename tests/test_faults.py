@@ -34,11 +34,13 @@ N = 8
 IDS = [f"row-{i:02d}" for i in range(N)]
 SEEDS = [1000 + 7 * i for i in range(N)]
 ROWS_PER_SHARD = 2
-# Every name a run may leave in OUTPUT: shard files under their shard id, markers, the manifest. No temporary file.
+# Every name a run may leave in OUTPUT: shard files under their shard id, markers, the manifest, the shard list and
+# dataset card. No temporary file.
 _OUTPUT_NAME = re.compile(
     r"(images/[0-9a-f]{16}\.tar|img_emb/img_emb_[0-9a-f]{16}\.npy|text_emb/text_emb_[0-9a-f]{16}\.npy|"
+    r"raw_img_emb/raw_img_emb_[0-9a-f]{16}\.npy|"
     r"metadata/metadata_[0-9a-f]{16}\.parquet|errors/errors_[0-9a-f]{16}\.parquet|_commits/[0-9a-f]{16}\.json|"
-    r"manifest\.json|_SUCCESS)"
+    r"manifest\.json|_SUCCESS|images\.txt|README\.md)"
 )
 
 

@@ -22,6 +22,7 @@ from pipeline_utils import (
     file_states,
     read_output,
     reference,
+    unit_rows,
     write_table,
 )
 
@@ -123,6 +124,27 @@ def test_local_run_reads_back_with_webdataset(local_run):
         assert len(runs) == len(set(runs)) and len(stems) == 3 * len(runs)
 
 
+def test_local_run_opens_with_webdataset_from_its_shard_list(local_run):
+    """images.txt lists every committed tar, so webdataset needs no glob (it takes none) and no brace range."""
+    import webdataset as wds
+
+    root = local_run.root
+    listed = (root / "images.txt").read_text().split()
+    assert listed == sorted(f"images/{p.name}" for p in (root / "images").glob("*.tar"))
+    samples = list(wds.WebDataset([f"{root}/{name}" for name in open(f"{root}/images.txt").read().split()],
+                                  shardshuffle=False))
+    assert sorted(s["__key__"] for s in samples) == IDS
+
+
+def test_local_run_loads_with_datasets_by_its_dataset_card(local_run, tmp_path):
+    """README.md's configs keep metadata (the default here: images are in tars) apart from other tables."""
+    import datasets
+
+    assert datasets.get_dataset_config_names(str(local_run.root)) == ["metadata"]
+    ds = datasets.load_dataset(str(local_run.root), split="train", cache_dir=str(tmp_path / "hf"))
+    assert sorted(ds["key"]) == IDS and "style" in ds.column_names
+
+
 def test_local_run_reads_back_with_embedding_reader(local_run):
     from embedding_reader import EmbeddingReader
 
@@ -140,6 +162,19 @@ def test_local_run_reads_back_with_embedding_reader(local_run):
     np.testing.assert_array_equal(np.concatenate([b for b, _ in batches]), out.img_emb.astype(np.float32))
 
 
+def test_embeddings_are_unit_rows_for_embedding_reader(local_run):
+    """clip-retrieval and autofaiss take img_emb/ and text_emb/ rows as unit vectors (inner product = cosine); the
+    prior's output has norms far from 1 and stays in raw_img_emb/."""
+    from embedding_reader import EmbeddingReader
+
+    for folder in ("img_emb", "text_emb"):
+        reader = EmbeddingReader(str(local_run.root / folder), file_format="npy")
+        rows = np.concatenate([batch for batch, _ in reader(batch_size=4, show_progress=False)])
+        np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=2e-3)
+    raw = read_output(local_run.root).raw_img_emb.astype(np.float32)
+    assert raw.shape == (6, 32) and np.abs(np.linalg.norm(raw, axis=1) - 1.0).min() > 0.1
+
+
 def test_config_a_is_bitwise_generate(local_run, tiny_model):
     """No drift: each row equals Karlo.generate([prompt], [seed]) with the actors' one torch thread."""
     images, img_emb, text_emb = reference(tiny_model, PROMPTS[:6], SEEDS, threads=1)
@@ -149,8 +184,10 @@ def test_config_a_is_bitwise_generate(local_run, tiny_model):
         np.testing.assert_array_equal(got[key], images[i], err_msg=key)
     # Embeddings are stored as float16, row-aligned with the metadata.
     order = [IDS.index(k) for k in out.keys]
-    np.testing.assert_array_equal(out.img_emb, img_emb[order].astype(np.float16))
-    np.testing.assert_array_equal(out.text_emb, text_emb[order].astype(np.float16))
+    # img_emb/ and text_emb/ hold unit rows; raw_img_emb/ the prior's output as the decoder took it.
+    np.testing.assert_array_equal(out.raw_img_emb, img_emb[order].astype(np.float16))
+    np.testing.assert_array_equal(out.img_emb, unit_rows(img_emb[order]).astype(np.float16))
+    np.testing.assert_array_equal(out.text_emb, unit_rows(text_emb[order]).astype(np.float16))
     assert out.img_emb.dtype == np.float16 and out.img_emb.dtype.byteorder in "<="
 
 
@@ -203,12 +240,21 @@ def test_s3_run_parquet_images_config_b(s3_bucket, ray_local, tiny_model, tmp_pa
     loaded = {row["key"]: np.asarray(row["image"].convert("RGB")) for row in ds}
     assert loaded.keys() == set(out.keys)
 
+    # The run root opens as it is: its dataset card makes the Parquet images the default config.
+    card = datasets.load_dataset(str(root), split="train", cache_dir=str(tmp_path / "hf"))
+    assert isinstance(card.features["image"], datasets.Image) and sorted(card["key"]) == sorted(out.keys)
+    assert {row["key"]: np.asarray(row["image"].convert("RGB")) for row in card}.keys() == loaded.keys()
+    assert datasets.load_dataset(str(root), "metadata", split="train", cache_dir=str(tmp_path / "hf")).num_rows == 8
+    assert (root / "images.txt").read_text().split() == [f"images/{p.name}" for p in
+                                                         sorted((root / "images").glob("*.parquet"))]
+
     images, img_emb, text_emb = reference(tiny_model, prompts, seeds, threads=1)
     by_seed = {seed: i for i, seed in enumerate(seeds)}
     rows = [by_seed[seed] for seed in out.metadata.column("seed").to_pylist()]
     assert_batch_independent(loaded, {key: images[i] for key, i in zip(out.keys, rows)})
-    assert_float16_of(out.img_emb, img_emb[rows])
-    assert_float16_of(out.text_emb, text_emb[rows])
+    assert_float16_of(out.raw_img_emb, img_emb[rows])
+    assert_float16_of(out.img_emb, unit_rows(img_emb[rows]))
+    assert_float16_of(out.text_emb, unit_rows(text_emb[rows]))
 
 
 # ---------------------------------------------------------------------------------------------- bad rows
@@ -313,6 +359,17 @@ def test_uncommitted_leftovers_are_removed(local_run, tmp_path):
 # ---------------------------------------------------------------------------------------------- conflicts
 
 
+def test_run_of_the_older_layout_is_refused_unless_overwrite(local_run, tmp_path):
+    """A run written before img_emb/ and text_emb/ held unit rows has no layout: resuming it would mix both kinds."""
+    root = copy_output(local_run, tmp_path / "out")
+    manifest = json.loads((root / "manifest.json").read_text())
+    del manifest["identity"]["layout"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    cfg = dataclasses.replace(local_run.cfg, output_url=str(root))
+    with pytest.raises(OutputConflict, match=r"different settings \(layout: None -> 2\)"):
+        run(cfg)
+
+
 def test_rerun_with_other_settings_is_refused_unless_overwrite(local_run, tmp_path, tiny_model):
     root = copy_output(local_run, tmp_path / "out")
     before = file_states(root)
@@ -339,7 +396,9 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(local_run, tmp_pa
     out = read_output(root)
     assert sorted(out.metadata.column("prompt").to_pylist()) == ["a small boat", "a tall tree"]
     assert out.manifest["identity"]["settings"]["prior_steps"] == 4 and out.manifest["attempts"] == 1
-    assert not (set(file_states(root)) & {p for p in before if not p.startswith(("manifest", "_SUCCESS"))})
+    # Run-root files (manifest, _SUCCESS, the shard list and dataset card) are rewritten; no shard file remains.
+    run_files = ("manifest", "_SUCCESS", "README.md", "images.txt")
+    assert not (set(file_states(root)) & {p for p in before if not p.startswith(run_files)})
 
 
 # ---------------------------------------------------------------------------------------------- per-row settings
@@ -372,7 +431,7 @@ def test_per_row_settings_are_honoured_and_written(tmp_path, ray_local, tiny_mod
             negative[i], prior[i], decoder[i])
         np.testing.assert_array_equal(got[key], images[i], err_msg=key)
     order = [rows[k]["source_row"] for k in out.keys]
-    np.testing.assert_array_equal(out.img_emb, img_emb[order].astype(np.float16))
+    np.testing.assert_array_equal(out.raw_img_emb, img_emb[order].astype(np.float16))
     # The same rows with the run defaults give other images: the columns were not ignored.
     plain, _, _ = reference(tiny_model, prompts[:1], seeds[:1], threads=1, prior_guidance_scale=3.0,
                             decoder_guidance_scale=7.0)

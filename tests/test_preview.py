@@ -36,11 +36,13 @@ def colour(i: int) -> tuple[int, int, int]:
 
 def make_run(url: str, prompts: list[str], *, storage_options=None, errors: dict[int, str] | None = None,
              scores: list[float] | None = None, shard_order: list[int] | None = None, rows_per_shard: int = 3,
-             output_format: str = "webdataset", settings: dict | None = None, uncommitted: int = 0) -> list[str]:
+             output_format: str = "webdataset", settings: dict | None = None, uncommitted: int = 0,
+             extra_columns: dict[str, list] | None = None, min_clip_score: float | None = None) -> list[str]:
     """A run of flat-colour images written by the pipeline's own sink, shard by shard, and its manifest.
 
     ``shard_order`` permutes the rows before cutting them into shards (Ray's order is not the input order);
     ``uncommitted`` extra rows are written as a shard whose marker is then removed (an interrupted write).
+    ``extra_columns`` are added to the rows as they are; with ``min_clip_score``, rows scoring below go to rejected/.
     Returns the shard ids.
     """
     errors = errors or {}
@@ -56,14 +58,18 @@ def make_run(url: str, prompts: list[str], *, storage_options=None, errors: dict
         "source": ["prompts.parquet"] * (n + uncommitted),
         "source_row": list(range(n + uncommitted)),
     }
+    columns.update(extra_columns or {})
     if scores is not None:
         columns["clip_score"] = scores + [0.0] * uncommitted
     table = pa.table(columns)
     images = np.stack([np.full((256, 256, 3), colour(i), np.uint8) for i in range(n + uncommitted)])
     emb = np.zeros((n + uncommitted, 8), np.float32)
-    rows = ShardRows(table, {"image": images, "img_emb": emb, "text_emb": emb})
+    tensors = {"image": images, "img_emb": emb, "text_emb": emb}
+    if min_clip_score is not None:
+        tensors["clip_img_emb"] = emb
+    rows = ShardRows(table, tensors)
     sink = KarloDatasink(url, storage_options=storage_options, output_format=output_format,
-                         rows_per_shard=rows_per_shard, settings=SETTINGS)
+                         rows_per_shard=rows_per_shard, settings=SETTINGS, min_clip_score=min_clip_score)
     fs, root = output_filesystem(url, storage_options)
     shards = []
     for start in range(0, n, rows_per_shard):
@@ -300,6 +306,15 @@ def test_galleries_load_in_a_headless_browser(browser, tmp_path):
     assert_shows(browser, sweep_files.page, tmp_path / "sweep.png", images=4)
 
 
+def test_a_gallery_with_insets_rejected_images_and_a_long_prompt_loads_in_a_browser(browser, tmp_path):
+    source = tmp_path / "input.png"
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(source)
+    make_run(str(tmp_path / "run"), ["a long prompt " * 60, "a kite", "a boat"], scores=[0.3, 0.1, 0.3],
+             min_clip_score=0.2, extra_columns={"source_image": [str(source), None, None]})
+    files = write_preview(str(tmp_path / "run"), tmp_path / "preview")
+    assert_shows(browser, files.page, tmp_path / "run.png", images=4)  # 2 cards, 1 inset, 1 rejected image
+
+
 def test_the_browser_check_catches_broken_pages(browser, tmp_path):
     """The driver sees what a user would: a missing image, a console error, an exception, a blocked request."""
     broken = tmp_path / "broken.html"
@@ -328,3 +343,70 @@ def test_preview_of_a_generated_run(generated_run, browser, tmp_path):
     assert "Error rows (1)" in page_html and "prompt is empty" in page_html
     assert "seed 900" in page_html and "prior_steps=3" in page_html
     assert_shows(browser, tmp_path / "preview" / "index.html", tmp_path / "generated.png", images=5)
+
+
+# ---------------------------------------------------------------------------------------------- run states, cards
+
+
+def _with_status(root, status: str, **driver) -> None:
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest.pop("driver", None)
+    manifest.update(status=status, **({"driver": driver} if driver else {}))
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_running_manifest_whose_driver_is_gone_reads_as_interrupted(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    root = tmp_path / "run"
+    make_run(str(root), ["a kite"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    cases = [
+        ({"host": socket.gethostname(), "pid": gone.pid}, "interrupted (rerun to resume)"),
+        ({"host": socket.gethostname(), "pid": os.getpid()}, "running"),
+        ({"host": "elsewhere", "pid": 1}, "running on elsewhere, or interrupted (rerun to resume)"),
+        ({}, "running, or interrupted (rerun to resume)"),  # manifests written before the driver was recorded
+    ]
+    for driver, expected in cases:
+        _with_status(root, "running", **driver)
+        assert f"status {expected}</p>" in write_preview(str(root), tmp_path / "preview").page.read_text(), driver
+    _with_status(root, "incomplete")
+    assert "status incomplete</p>" in write_preview(str(root), tmp_path / "preview").page.read_text()
+
+
+def test_a_long_prompt_is_clamped_with_the_whole_text_in_its_title(tmp_path):
+    long = "a very long prompt " * 40
+    make_run(str(tmp_path / "run"), [long, "short"])
+    page_html = write_preview(str(tmp_path / "run"), tmp_path / "preview").page.read_text()
+    prompts = [p for p in Page(page_html).all("p") if p.get("class") == "prompt"]
+    assert [p["title"] for p in prompts] == [long, "short"]
+    assert "-webkit-line-clamp: 3" in page_html
+
+
+def test_variation_cards_show_the_source_image_and_only_decoder_guidance(tmp_path):
+    source = tmp_path / "input.png"
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(source)
+    make_run(str(tmp_path / "run"), ["", ""], extra_columns={
+        "source_image": [str(source), "stored-with-its-bytes.png"], "decoder_guidance_scale": [8.0, 8.0]})
+    page_html = write_preview(str(tmp_path / "run"), tmp_path / "preview").page.read_text()
+    sources = [img for img in Page(page_html).all("img") if img.get("class") == "source"]
+    assert [img["title"] for img in sources] == [f"source image {source}"]  # the name alone has nothing to show
+    inset = np.asarray(Image.open(io.BytesIO(base64.b64decode(sources[0]["src"].split(",", 1)[1]))).convert("RGB"))
+    assert max(abs(int(v) - w) for v, w in zip(inset.reshape(-1, 3).mean(axis=0), (255, 0, 0))) <= 6
+    assert "decoder cfg 8" in page_html and "cfg /" not in page_html
+    assert list(thumbnails_by_key(page_html)) == ["row-0", "row-1"]  # the variation is still the card's image
+
+
+def test_rejected_rows_are_listed_with_their_images(tmp_path):
+    make_run(str(tmp_path / "run"), ["a fox", "a wolf", "a bear"], scores=[0.3, 0.1, 0.05], min_clip_score=0.2)
+    page_html = write_preview(str(tmp_path / "run"), tmp_path / "preview").page.read_text()
+    assert "Rejected rows (2)" in page_html
+    thumbs = re.findall(r'<tr><td><code>(row-\d)</code>.*?<img class="thumb" src="data:image/jpeg;base64,([^"]+)"',
+                        page_html)
+    assert [key for key, _ in thumbs] == ["row-1", "row-2"]
+    for key, data in thumbs:
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+        assert_colour(tuple(int(round(v)) for v in image.reshape(-1, 3).mean(axis=0)), int(key[-1]))

@@ -212,6 +212,17 @@ def test_summary_counts_images_apart_from_error_rows_of_earlier_attempts():
         in lines
 
 
+def test_summary_lists_the_folders_the_run_has():
+    """A scored run has clip_img_emb/; a run whose every row failed has errors/ and no image folders."""
+    scored = RunSummary(output_url="out", rows_in=5, written=3, errors=1, resumed=0, shards=2, bad_files=[],
+                        seconds=1.0, images_this_run=3, rejected=1, clip_scored=True)
+    assert "  output           out  (images/, img_emb/, text_emb/, metadata/, clip_img_emb/, errors/, rejected/, " \
+        "manifest.json)" in format_summary(scored).splitlines()
+    failed = RunSummary(output_url="out", rows_in=2, written=0, errors=2, resumed=0, shards=1, bad_files=[],
+                        seconds=1.0, images_this_run=0)
+    assert "  output           out  (errors/, manifest.json)" in format_summary(failed).splitlines()
+
+
 @pytest.mark.slow
 def test_generate_prints_progress_lines_and_the_summary(generated_run):
     result = generated_run.result

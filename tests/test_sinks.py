@@ -144,13 +144,14 @@ def test_layout_counts_and_markers(output):
         [f"images/{x}.tar" for x in ids]
         + [f"img_emb/img_emb_{x}.npy" for x in ids]
         + [f"text_emb/text_emb_{x}.npy" for x in ids]
+        + [f"raw_img_emb/raw_img_emb_{x}.npy" for x in ids]
         + [f"metadata/metadata_{x}.parquet" for x in ids]
         + [f"errors/errors_{x}.parquet" for x in ids[:2]]
         + [f"_commits/{x}.json" for x in ids]
     )
     assert sorted(files) == expected
     # Names sort identically in every folder, so embedding-reader zips the right files.
-    for folder in ("images", "img_emb", "text_emb", "metadata"):
+    for folder in ("images", "img_emb", "text_emb", "raw_img_emb", "metadata"):
         assert shard_ids_in(files, folder) == sorted(ids)
 
     assert committed_shards(output.url, output.storage_options) == sorted(markers, key=lambda m: m["shard"])
@@ -179,6 +180,7 @@ def test_metadata_and_embeddings_are_row_aligned(output):
         meta = output.parquet(f"metadata/metadata_{x}.parquet")
         img = np.load(io.BytesIO(output.read(f"img_emb/img_emb_{x}.npy")))
         txt = np.load(io.BytesIO(output.read(f"text_emb/text_emb_{x}.npy")))
+        raw = np.load(io.BytesIO(output.read(f"raw_img_emb/raw_img_emb_{x}.npy")))
         assert img.dtype == np.dtype("<f2") and txt.dtype == np.dtype("<f2")
         assert img.shape == txt.shape == (meta.num_rows, DIM) and img.flags.c_contiguous
         assert meta.column_names == [
@@ -194,8 +196,10 @@ def test_metadata_and_embeddings_are_row_aligned(output):
                 k: v for k, v in source.items() if k in row and k != "clip_emb"
             }
             assert row["clip_emb"] == pytest.approx(emb[:4].tolist())
-            np.testing.assert_array_equal(img[i], emb.astype(np.float16))
-            np.testing.assert_array_equal(txt[i], text.astype(np.float16))
+            # img_emb/ and text_emb/: unit rows (clip-retrieval's layout); raw_img_emb/: the rows as given.
+            np.testing.assert_allclose(img[i].astype(np.float32), emb / np.linalg.norm(emb), rtol=1e-3, atol=1e-4)
+            np.testing.assert_allclose(txt[i].astype(np.float32), text / np.linalg.norm(text), rtol=1e-3, atol=1e-4)
+            np.testing.assert_array_equal(raw[i], emb.astype(np.float16))
             seen.append(row[C.KEY])
     assert seen == list(good)  # input order kept across shards
 
@@ -263,7 +267,7 @@ def test_shard_bytes_do_not_depend_on_how_rows_were_batched_or_ordered(tmp_path,
     write(KarloDatasink(str(pieces), output_format=output_format), [block.slice(4, 1), block.slice(1, 3),
                                                                     block.slice(0, 1)])
     files = {p.relative_to(whole): p.read_bytes() for p in whole.rglob("*.*")}
-    assert len(files) == 6
+    assert len(files) == 7  # images, img_emb, text_emb, raw_img_emb, metadata, errors, the marker
     assert files == {p.relative_to(pieces): p.read_bytes() for p in pieces.rglob("*.*")}
 
 
@@ -365,7 +369,8 @@ def test_embedding_reader_zips_npy_with_metadata(output, monkeypatch):
     (embeddings, meta), *rest = list(reader(batch_size=100, start=0, end=reader.count))
     assert not rest and len(meta) == len(good)
     for emb, key in zip(embeddings, meta[C.KEY]):
-        np.testing.assert_allclose(emb, good[key][3].astype(np.float16).astype(np.float32))
+        text = good[key][3]
+        np.testing.assert_allclose(emb, text / np.linalg.norm(text), rtol=1e-3, atol=1e-4)
 
 
 def encoder_failing_after(calls):
@@ -413,7 +418,7 @@ def test_remove_uncommitted_and_committed_keys(output, monkeypatch):
     if not output.storage_options:  # a local writer killed mid-file leaves its temporary name behind
         output.fs.pipe(f"{output.root}/img_emb/.tmp-img_emb_0123456789abcdef.npy-deadbeef", b"partial")
     orphan = set(output.files()) - set(committed["files"]) - {f"_commits/{committed['shard']}.json"}
-    assert len(orphan) == (5 if output.storage_options else 6)
+    assert len(orphan) == (6 if output.storage_options else 7)  # the shard's six files (+ a temporary one)
 
     assert committed_keys(output.url, output.storage_options) == {f"k{i:05d}" for i in range(6)}
     assert remove_uncommitted(output.url, output.storage_options) == sorted(orphan)

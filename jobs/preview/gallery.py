@@ -17,7 +17,7 @@ from typing import Any
 from pipeline import columns as C
 from pipeline.progress import plural
 
-from .read import Listed, RunView, Sample, SweepView, as_text
+from .read import Listed, RunView, Sample, SweepView, as_text, jpeg_data_uri
 
 PAGE = "index.html"
 SHEET = "contact_sheet.png"  # the contact sheet beside the page, which links to it
@@ -47,9 +47,11 @@ def _info(sample: Sample) -> str:
     """seed, per-row guidance and score: the line under a thumbnail."""
     row = sample.metadata
     parts = [f"seed {_e(sample.seed)}"]
-    if row.get(C.PRIOR_GUIDANCE_SCALE) is not None or row.get(C.DECODER_GUIDANCE_SCALE) is not None:
-        parts.append(f"cfg {_e(format_number(row.get(C.PRIOR_GUIDANCE_SCALE)))}/"
-                     f"{_e(format_number(row.get(C.DECODER_GUIDANCE_SCALE)))}")
+    prior, decoder = row.get(C.PRIOR_GUIDANCE_SCALE), row.get(C.DECODER_GUIDANCE_SCALE)
+    if prior is not None:
+        parts.append(f"cfg {_e(format_number(prior))}/{_e(format_number(decoder))}")
+    elif decoder is not None:  # image variations: no prior, hence no prior guidance
+        parts.append(f"decoder cfg {_e(format_number(decoder))}")
     if row.get(C.NEGATIVE_PROMPT):
         parts.append(f"neg: {_e(row[C.NEGATIVE_PROMPT])}")
     if sample.score is not None:
@@ -72,9 +74,31 @@ def _img(sample: Sample) -> str:
     return f'<img src="{sample.jpeg_data_uri()}" width="{w}" height="{h}" alt="{_e(sample.prompt)}">'
 
 
+def _source_img(sample: Sample) -> str:
+    """A variation's input image, inset in the corner of the variation."""
+    if sample.source is None:
+        return ""
+    w, h = sample.source.size
+    path = _e(sample.metadata.get(C.SOURCE_IMAGE_PATH))
+    return (f'<img class="source" src="{jpeg_data_uri(sample.source)}" width="{w}" height="{h}" '
+            f'alt="source image {path}" title="source image {path}">')
+
+
+def _prompt(text: Any) -> str:
+    """A prompt clamped to a few lines by the page's CSS, the whole text in its title."""
+    return f'<p class="prompt" title="{_e(text)}">{_e(text)}</p>'
+
+
 def _card(sample: Sample) -> str:
-    return (f"<figure>{_img(sample)}<figcaption><p class=\"prompt\">{_e(sample.prompt)}</p>{_info(sample)}"
+    return (f"<figure>{_img(sample)}{_source_img(sample)}<figcaption>{_prompt(sample.prompt)}{_info(sample)}"
             f"{_details(sample)}</figcaption></figure>")
+
+
+def _thumb_cell(row: Listed) -> str:
+    if row.thumbnail is None:
+        return "<td></td>"
+    w, h = row.thumbnail.size
+    return f'<td><img class="thumb" src="{jpeg_data_uri(row.thumbnail)}" width="{w}" height="{h}" alt=""></td>'
 
 
 def _listed_table(title: str, rows: list[Listed], total: int) -> str:
@@ -82,16 +106,19 @@ def _listed_table(title: str, rows: list[Listed], total: int) -> str:
         return ""
     shown = rows[:MAX_LISTED]
     note = f'<p class="note">the first {len(shown)} in input order</p>' if len(shown) < total else ""
+    images = any(r.thumbnail is not None for r in shown)  # rejected rows have images, error rows none
     body = "".join(f"<tr><td><code>{_e(r.key)}</code></td><td>{_e(r.stage)}</td><td class=\"error\">{_e(r.reason)}"
-                   f"</td><td>{_e(r.prompt)}</td></tr>" for r in shown)
+                   f"</td><td>{_e(r.prompt)}</td>{_thumb_cell(r) if images else ''}</tr>" for r in shown)
+    image_head = "<th>image</th>" if images else ""
     return (f"<section><h2>{_e(title)} ({total:,})</h2>{note}<table class=\"list\"><thead><tr><th>key</th>"
-            f"<th>stage</th><th>reason</th><th>prompt</th></tr></thead><tbody>{body}</tbody></table></section>")
+            f"<th>stage</th><th>reason</th><th>prompt</th>{image_head}</tr></thead><tbody>{body}</tbody></table>"
+            "</section>")
 
 
 def _run_header(view: RunView, title: str) -> str:
     m = view.manifest
     counts = " · ".join([plural(view.written, "image"), plural(view.errors, "error row"), plural(view.shards, "shard"),
-                         f"{as_text(m.get('input_rows', '?'))} input rows", f"status {as_text(m.get('status', '?'))}"])
+                         f"{as_text(m.get('input_rows', '?'))} input rows", f"status {view.state}"])
     return f"<h1>{_e(title)}</h1><p class=\"meta\">{_e(counts)}</p>{_settings_list(view.settings)}"
 
 

@@ -12,11 +12,13 @@ import concurrent.futures
 import dataclasses
 import io
 import json
+import os
+import socket
 import tarfile
 from typing import Any, Callable, Iterable
 
 import fsspec
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from jobs.sweep.spec import SWEEP_FILE
 from pipeline import columns as C
@@ -38,6 +40,7 @@ DEFAULT_LIMIT = 100
 THUMB = 256  # px, longest side of a gallery thumbnail: Karlo's own output size, so nothing is lost
 THUMB_QUALITY = 90  # JPEG: a 256 px thumbnail of ~20 kB instead of a ~150 kB PNG
 READ_THREADS = 8  # concurrent small reads (metadata footers and columns) on object storage
+REJECTED_THUMBNAILS = DEFAULT_LIMIT  # rejected rows shown with their image; the rest are listed without
 
 _IMAGE_EXTS = set(IMAGE_EXTENSIONS.values())
 
@@ -56,11 +59,16 @@ class Sample:
     score: float | None
     metadata: dict[str, Any]
     thumbnail: Image.Image
+    source: Image.Image | None = None  # a variation's input image, where its path or URL can be read
 
     def jpeg_data_uri(self) -> str:
-        buf = io.BytesIO()
-        self.thumbnail.save(buf, format="JPEG", quality=THUMB_QUALITY)
-        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        return jpeg_data_uri(self.thumbnail)
+
+
+def jpeg_data_uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=THUMB_QUALITY)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +79,7 @@ class Listed:
     prompt: str | None
     stage: str
     reason: str
+    thumbnail: Image.Image | None = None  # a rejected row's image
 
 
 @dataclasses.dataclass
@@ -89,6 +98,36 @@ class RunView:
     @property
     def settings(self) -> dict[str, Any]:
         return run_settings(self.manifest)
+
+    @property
+    def state(self) -> str:
+        return run_state(self.manifest)
+
+
+def run_state(manifest: dict[str, Any]) -> str:
+    """The manifest's status, with "running" told apart from an attempt whose driver died: the manifest is
+    closed (complete or incomplete) only by a driver that got to the end, and records the driver's host and
+    process; only on that host can the process be looked up."""
+    status = as_text(manifest.get("status", "?"))
+    if status != "running":
+        return status
+    driver = manifest.get("driver") or {}
+    if driver.get("host") != socket.gethostname():
+        where = f" on {driver['host']}" if driver.get("host") else ""
+        return f"running{where}, or interrupted (rerun to resume)"
+    return "running" if _process_exists(driver.get("pid")) else "interrupted (rerun to resume)"
+
+
+def _process_exists(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only the existence check
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def run_settings(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -140,6 +179,7 @@ class RunReader:
             raise PreviewError(f"{display_url(url)} holds no {MANIFEST}: not a karlo run")
         self.manifest = manifest
         self.fs, self.committed = fs, CommittedRun(fs, root)
+        self.storage_options = dict(storage_options or {})
         self._order: dict[str, tuple] | None = None
         self._shard_of: dict[str, str] = {}
 
@@ -178,7 +218,7 @@ class RunReader:
             table = read_columns(self.fs, metadata[shard])
             rows = [row for row in table.to_pylist() if row[C.KEY] in wanted]
             thumbs = self._thumbnails(images[shard], wanted)
-            return [_sample(row, thumbs[row[C.KEY]]) for row in rows if row[C.KEY] in thumbs]
+            return [_sample(row, thumbs[row[C.KEY]], self._source(row)) for row in rows if row[C.KEY] in thumbs]
 
         found = {s.key: s for shard_samples in self._map(read_shard, by_shard) for s in shard_samples}
         return dict(sorted(found.items(), key=lambda item: order[item[0]]))
@@ -199,6 +239,18 @@ class RunReader:
                     out[key] = _thumbnail(image["bytes"])
         return out
 
+    def _source(self, row: dict[str, Any]) -> Image.Image | None:
+        """A variation's input image, read where the run read it: an absolute path or a URL (an image stored with
+        its bytes in the input table left only its name, and nothing to show)."""
+        path = row.get(C.SOURCE_IMAGE_PATH)
+        if not isinstance(path, str) or not ("://" in path or path.startswith("/")):
+            return None
+        try:
+            with fsspec.open(path, "rb", **self.storage_options) as f:
+                return _thumbnail(f.read())
+        except (OSError, ValueError, UnidentifiedImageError):  # moved or deleted since the run: the card says so
+            return None
+
     def error_rows(self) -> list[Listed]:
         """Every committed error row, in input order."""
         tables = self._map(lambda path: read_columns(self.fs, path, ERROR_COLUMNS),
@@ -211,10 +263,32 @@ class RunReader:
         """Rows of committed shards filtered out for a low CLIP score (their rejected/ files), in input order."""
         # Not the images and embeddings they also hold.
         wanted = (C.KEY, C.PROMPT, C.SOURCE, C.SOURCE_ROW, C.CLIP_SCORE, C.REJECTED_REASON)
-        tables = self._map(lambda path: read_columns(self.fs, path, wanted),
-                           self.committed.files(REJECTED_DIR).values())
+        files = self.committed.files(REJECTED_DIR)
+        tables = self._map(lambda path: read_columns(self.fs, path, wanted), files.values())
+        shard_of = {row[C.KEY]: shard for shard, table in zip(files, tables) for row in table.to_pylist()}
         rows = sorted((row for table in tables for row in table.to_pylist()), key=_input_order)
-        return [_rejected(row) for row in rows]
+        # The images of the first rows only, from the shards that hold them.
+        first: dict[str, set[str]] = {}
+        for row in rows[:REJECTED_THUMBNAILS]:
+            first.setdefault(shard_of[row[C.KEY]], set()).add(row[C.KEY])
+        thumbs: dict[str, Image.Image] = {}
+        for found in self._map(lambda shard: self._rejected_thumbnails(files[shard], first[shard]), first):
+            thumbs.update(found)
+        return [dataclasses.replace(_rejected(row), thumbnail=thumbs.get(row[C.KEY])) for row in rows]
+
+    def _rejected_thumbnails(self, path: str, keys: set[str]) -> dict[str, Image.Image]:
+        table = read_columns(self.fs, path, (C.KEY, C.IMAGE))
+        if C.IMAGE not in table.column_names:
+            return {}
+        out = {}
+        for key, image in zip(table.column(C.KEY).to_pylist(), table.column(C.IMAGE).to_pylist()):
+            data = image.get("bytes") if isinstance(image, dict) else image  # a Hugging Face Image struct
+            if key in keys and isinstance(data, bytes):
+                try:
+                    out[key] = _thumbnail(data)
+                except UnidentifiedImageError:  # listed without its image rather than no gallery at all
+                    continue
+        return out
 
     def view(self, keys: Iterable[str]) -> RunView:
         return RunView(
@@ -247,7 +321,7 @@ def _thumbnail(data: bytes) -> Image.Image:
     return image
 
 
-def _sample(row: dict[str, Any], thumbnail: Image.Image) -> Sample:
+def _sample(row: dict[str, Any], thumbnail: Image.Image, source: Image.Image | None) -> Sample:
     score = row.get(C.CLIP_SCORE)
     return Sample(
         key=row[C.KEY],
@@ -256,6 +330,7 @@ def _sample(row: dict[str, Any], thumbnail: Image.Image) -> Sample:
         score=float(score) if isinstance(score, (int, float)) else None,
         metadata=row,
         thumbnail=thumbnail,
+        source=source,
     )
 
 
