@@ -54,6 +54,13 @@ def _run_options(command):
         click.option("--image-format", type=click.Choice(IMAGE_FORMATS), default="png", show_default=True),
         click.option("--output-format", type=click.Choice(OUTPUT_FORMATS), default="webdataset", show_default=True),
         click.option("--rows-per-shard", default=1000, show_default=True, type=int),
+        click.option("--limit", default=None, type=click.IntRange(min=1), metavar="N",
+                     help="Only the first N input rows (files in path order, rows in file order): a trial run, which "
+                          "the same command without --limit (or with a larger one) continues into the same OUTPUT."),
+        click.option("--images-per-prompt", default=1, show_default=True, type=click.IntRange(min=1), metavar="N",
+                     help="N images per input row, each its own row with its own seed and a sample_index column; "
+                          "image 0 is the one a single-image run makes. A rerun into the same OUTPUT may raise an N "
+                          "above 1 to add images."),
         click.option("--stage-config", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="YAML file with per-stage batch_size, actors, num_gpus, num_cpus, device, dtype (sections "
                           "prior or image_encoder, decoder, super_res, clip_score)."),
@@ -116,7 +123,7 @@ def _run_options(command):
                    f"(1 = the whole decoder chain from noise, lower keeps more of the image). Default: {STRENGTH}.")
 @_run_options
 def generate(input_url, output_url, model, stage_config, device, dtype, progress_interval, **settings) -> None:
-    """Generate one image per row of the prompt table(s) at INPUT_URL into OUTPUT_URL.
+    """Generate one image (--images-per-prompt N: N) per row of the prompt table(s) at INPUT_URL into OUTPUT_URL.
 
     INPUT_URL: a Parquet file, folder or glob (local, s3://, gs://, ...) with a `prompt` column and optional
     `id`, `seed`, `negative_prompt`, `prior_guidance_scale`, `decoder_guidance_scale` columns, and for
@@ -143,7 +150,7 @@ def generate(input_url, output_url, model, stage_config, device, dtype, progress
 @click.option("--decoder-guidance-scale", default=DECODER_GUIDANCE_SCALE, show_default=True, type=float)
 @_run_options
 def variations(input_url, output_url, model, stage_config, device, dtype, progress_interval, **settings) -> None:
-    """Generate one variation of each image in the table(s) at INPUT_URL into OUTPUT_URL.
+    """Generate one variation (--images-per-prompt N: N) of each image in the table(s) at INPUT_URL into OUTPUT_URL.
 
     INPUT_URL: Parquet file(s) as for generate, with an image column (see --image-column) and optional `id`,
     `seed`, `decoder_guidance_scale` columns. Images that are missing or cannot be decoded become error rows.

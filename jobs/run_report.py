@@ -23,8 +23,14 @@ if TYPE_CHECKING:  # annotations only: pipeline.run imports Ray, which the summa
 def format_summary(s: RunSummary) -> str:
     """The table printed when a run ends: counts, speed, where the output is, and what to do if incomplete."""
     status = "complete" if s.complete else "INCOMPLETE"
+    if s.complete and s.left_out:
+        status += f" for the first {s.rows_in // s.images_per_prompt} input rows (--limit)"
     rows = [
-        ("rows read", f"{s.rows_in}"),
+        ("rows read", f"{s.rows_in}" if s.images_per_prompt == 1 else
+         f"{s.rows_in // s.images_per_prompt} {'prompts' if s.task == 'generate' else 'input images'} x "
+         f"{s.images_per_prompt} images = {s.rows_in} rows"),
+        *([("left out", f"{s.left_out} input rows after --limit; rerun without it (or with a larger one) to "
+                        "continue")] if s.left_out else []),
         # Committed rows found at the start count error and rejected rows too: the images are the difference.
         ("images written", f"{s.written}" + (f" ({s.written - s.images_this_run} from earlier attempts)"
                                              if s.written > s.images_this_run else "")),

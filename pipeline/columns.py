@@ -26,6 +26,10 @@ KEY = "key"  # str, unique in the run, safe as a file-name stem (no '/', no '.')
 ERROR = "error"  # str: "" for a good row, else the reason
 ERROR_STAGE = "error_stage"  # str: "" or the step that rejected the row ("prepare", "prior", ...)
 
+# Added after prepare with --images-per-prompt N > 1 (pipeline.schema.expand_samples): which of the row's N images
+# this is, 0-based (int32). Runs of one image per row do not have it.
+SAMPLE_INDEX = "sample_index"
+
 # Added by the model stages. Internal hand-off columns start with "__" and are never written out.
 PROMPT_TRUNCATED = "prompt_truncated"  # bool: the prompt exceeded 77 CLIP tokens and was truncated
 TEXT_EMB = "text_emb"  # (B, D) float32, CLIP text embedding of the prompt

@@ -225,6 +225,10 @@ class RunConfig:
     stages: dict[str, StageConfig] = field(default_factory=dict)
     lora: tuple[Adapter, ...] = ()  # LoRA adapters merged, in order, into the networks (karlo_model.lora)
     placement_timeout: float = 0.0  # seconds to wait for GPUs the cluster lacks or has busy (pipeline.placement)
+    # Which rows the run covers (pipeline.scope), outside its settings identity: the first ``limit`` input rows
+    # (None: all), and ``images_per_prompt`` output rows per input row, each with its own key and seed.
+    limit: int | None = None
+    images_per_prompt: int = 1
     storage_options: dict = field(default_factory=dict, repr=False)  # may hold credentials: never printed
 
     def __post_init__(self) -> None:
@@ -260,6 +264,10 @@ class RunConfig:
                "min_aesthetic must be a finite number")
         _check(isinstance(self.drop_unsafe, bool), "drop_unsafe must be true or false")
         _check(not self.drop_unsafe or self.safety_checker is not None, "drop_unsafe needs safety_checker")
+        _check(self.limit is None or (_is_int(self.limit) and self.limit >= 1),
+               f"limit must be an integer >= 1 (the number of input rows to take), got {self.limit!r}")
+        _check(_is_int(self.images_per_prompt) and self.images_per_prompt >= 1,
+               f"images_per_prompt must be an integer >= 1, got {self.images_per_prompt!r}")
         _check(_is_number(self.placement_timeout) and 0 <= self.placement_timeout < float("inf"),
                "placement_timeout must be a finite number of seconds >= 0")
         unknown = set(self.stages) - set(ALL_STAGE_NAMES)
@@ -279,7 +287,8 @@ class RunConfig:
 
     def output_settings(self) -> dict[str, Any]:
         """Everything that changes the pixels of a row besides its prompt and seed (README.md, "Determinism and
-        resuming"), and which rows are kept."""
+        resuming"), and which rows are kept. ``limit`` and ``images_per_prompt`` are not here: they choose which
+        rows the run has, not what a row holds, and a later run may widen them (pipeline.scope)."""
         settings = {
             "seed": self.seed,
             "prior_steps": self.prior_steps,

@@ -11,6 +11,7 @@ by rows, not bytes, is what spreads them over the actor pools.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import posixpath
 import re
@@ -138,6 +139,22 @@ def plan_inputs(
     )
 
 
+def first_rows(plan: InputPlan, limit: int) -> InputPlan:
+    """The plan cut to its first ``limit`` rows in plan order (files sorted by path, rows in file order), for
+    ``--limit``: the same rows under the same keys as in the whole plan, since keys come from a row's file and
+    index (or its id, first holder first), so a later run over more rows resumes this one."""
+    files, left = [], limit
+    for f in plan.files:
+        if left == 0:
+            break
+        take = min(f.num_rows, left)
+        # size_bytes is the read tasks' memory estimate: the file's share for the rows taken.
+        size = f.size_bytes * take // f.num_rows if f.num_rows else 0
+        files.append(dataclasses.replace(f, num_rows=take, size_bytes=size))
+        left -= take
+    return dataclasses.replace(plan, files=tuple(files))
+
+
 class PromptTableDatasource(Datasource):
     """Reads an :class:`InputPlan`, adding ``source`` and ``source_row`` to every row."""
 
@@ -194,7 +211,8 @@ def read_column(plan: InputPlan, name: str) -> list[tuple[str, list]]:
                 pf = pq.ParquetFile(fh)
                 if name not in pf.schema_arrow.names:
                     return [None] * f.num_rows
-                return pf.read(columns=[name]).column(name).to_pylist()
+                # The planned rows only: a plan cut by first_rows ends inside a file.
+                return pf.read(columns=[name]).column(name).slice(0, f.num_rows).to_pylist()
             except (pa.ArrowException, OSError) as e:
                 fh.content_error(e)
                 return [None] * f.num_rows  # damaged pages: the read tasks make the file's rows error rows
@@ -367,7 +385,7 @@ def _check_unchanged(f: InputFile, meta: pq.FileMetaData) -> None:
     now = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
     if now != f.row_group_rows:
         raise InputChangedError(
-            f"input file {f.source!r} changed after the run was planned ({f.num_rows} rows in "
+            f"input file {f.source!r} changed after the run was planned ({sum(f.row_group_rows)} rows in "
             f"{len(f.row_group_rows)} row groups then, {meta.num_rows} in {len(now)} now)"
         )
 

@@ -40,6 +40,7 @@ from .quiet import quiet_ray_data
 from .reader import InputError, InputPlan, display_url, plan_inputs, read_column, read_prompts
 from .redact import storage_error
 from .schema import find_duplicates, prepare_and_skip
+from .scope import Scope, take_rows
 from .scoring import plan_scoring
 from .shards import unwritable_columns
 from .shared_paths import check_run_paths
@@ -73,7 +74,7 @@ class RayStartError(RuntimeError):
 @dataclass
 class RunSummary:
     output_url: str
-    rows_in: int  # rows in the readable input files
+    rows_in: int  # rows the run accounts for: the input rows taken (--limit), times --images-per-prompt
     written: int  # good rows committed in OUTPUT (this run and earlier attempts)
     errors: int  # error rows committed in OUTPUT
     resumed: int  # rows found already committed when this run started
@@ -84,6 +85,9 @@ class RunSummary:
     rejected: int = 0  # rows below the minimum CLIP score, committed in rejected/
     start_up_seconds: float | None = None  # until the first batch began: Ray, actor processes, model loads
     clip_scored: bool = False  # the run scores its images: good rows also have clip_img_emb/ files
+    task: str = "generate"  # or "variations"
+    images_per_prompt: int = 1
+    left_out: int = 0  # input rows after --limit, not read
 
     @property
     def complete(self) -> bool:
@@ -171,6 +175,7 @@ class RunPlan:
     model_ref: str | EmbeddedModel  # what the stage actors load: each node builds its own embedded default
     model_id: dict[str, Any]
     identity: dict[str, Any]  # what a rerun into the same OUTPUT must match to resume
+    scope: Scope  # which rows: the first input rows taken, images per row
     clip_ref: str | EmbeddedModel | None = None  # the CLIP score stage's vision tower
     clip_record: dict[str, Any] | None = None  # what the manifest says of the scores
     scorers: dict[str, Any] | None = None  # the curation models' records (pipeline.scoring.check_scorers)
@@ -179,8 +184,8 @@ class RunPlan:
 def plan_run(cfg: RunConfig) -> RunPlan:
     """Check the input (footers only), the model and the CLIP tower; raise what the user must fix (exit 2)."""
     task = task_of(cfg)
-    plan = plan_inputs(cfg.input_url, cfg.storage_options, cfg.rows_per_read_task, check_columns=task.check_columns,
-                       exclude=cfg.output_url)
+    plan, scope = take_rows(cfg, plan_inputs(cfg.input_url, cfg.storage_options, cfg.rows_per_read_task,
+                                             check_columns=task.check_columns, exclude=cfg.output_url))
     unwritable = unwritable_columns(plan.schema)
     if unwritable:
         raise InputError(f"{plan.url}: columns the metadata files cannot hold: {'; '.join(unwritable)}; drop or "
@@ -195,8 +200,8 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         check_adapters(model, cfg.lora, cfg.storage_options)
     clip_ref, clip_record, scorers = plan_scoring(cfg, model, task.clip_reference)
     return RunPlan(cfg, task, plan, model, cfg.model or task.embedded, model_id,
-                   identity_of_run(cfg.input_url, model_id, cfg.output_settings(), scorers), clip_ref, clip_record,
-                   scorers)
+                   identity_of_run(cfg.input_url, model_id, cfg.output_settings(), scorers), scope, clip_ref,
+                   clip_record, scorers)
 
 
 def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_interval: float = 0.0,
@@ -212,11 +217,11 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
     started = time.time()
     p = plan_run(cfg)
     fs, root = output_filesystem(cfg.output_url, cfg.storage_options)
-    previous, replace = _previous_run(cfg, fs, root, p.identity)
+    previous, replace = _previous_run(cfg, fs, root, p.identity, p.scope)
     # Rows committed by earlier attempts (none once another run's files are replaced); removing uncommitted files
     # before the attempt does not change them.
     done = set() if replace else committed_keys(cfg.output_url, cfg.storage_options)
-    if previous is not None and len(done) >= p.input.total_rows:  # every row committed: nothing needs Ray
+    if previous is not None and len(done) >= p.scope.rows:  # every row committed: nothing needs Ray
         return _attempt(p, fs, root, started, echo, previous, replace, done, reservation=None)
     # Before OUTPUT is touched: a run that cannot be placed must not leave a manifest that refuses the fixed rerun.
     try:
@@ -230,10 +235,11 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
         return _attempt(p, fs, root, started, echo, previous, replace, done, reservation, progress_interval, live)
 
 
-def _previous_run(cfg: RunConfig, fs: Any, root: str,
-                  identity: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
-    """(the manifest of the run OUTPUT holds if it is this run (same input, model and settings), whether OUTPUT
-    holds another run to replace); another run is refused (OutputConflict) unless ``cfg.overwrite``. Reads only."""
+def _previous_run(cfg: RunConfig, fs: Any, root: str, identity: dict[str, Any],
+                  scope: Scope) -> tuple[dict[str, Any] | None, bool]:
+    """(the manifest of the run OUTPUT holds if it is this run (same input, model and settings, and rows that
+    ``scope`` covers), whether OUTPUT holds another run to replace); another run is refused (OutputConflict) unless
+    ``cfg.overwrite``. Reads only."""
     try:
         previous = read_manifest(fs, root)
     except OSError as e:  # a folder the run cannot read is one it cannot write to either: one message for both
@@ -242,12 +248,11 @@ def _previous_run(cfg: RunConfig, fs: Any, root: str,
     if previous is None:
         return None, False
     diff = identity_changes(previous, identity)
-    if diff and not cfg.overwrite:
-        raise OutputConflict(
-            f"{display_url(cfg.output_url)} already holds a run with different settings ({diff}). Use a fresh "
-            "OUTPUT, or --overwrite to delete that run's files first."
-        )
-    return (None, True) if diff else (previous, False)
+    other = f"a run with different settings ({diff})" if diff else scope.narrowing(previous)
+    if other and not cfg.overwrite:
+        raise OutputConflict(f"{display_url(cfg.output_url)} already holds {other}. Use a fresh OUTPUT, or "
+                             "--overwrite to delete that run's files first.")
+    return (None, True) if other else (previous, False)
 
 
 def _open_output(cfg: RunConfig, fs: Any, root: str, replace: bool) -> None:
@@ -280,10 +285,11 @@ def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str
     if removed:
         echo(f"removed {len(removed)} uncommitted file(s) left by an interrupted run")
     if done:
-        echo(f"resuming: {len(done)} of {p.input.total_rows} rows are already committed")
-    manifest = new_manifest(p.identity, previous, input_rows=p.input.total_rows, bad_files=p.input.bad_files,
+        echo(f"resuming: {len(done)} of {p.scope.rows} rows are already committed")
+    manifest = new_manifest(p.identity, previous, input_rows=p.scope.rows, bad_files=p.input.bad_files,
                             stages=cfg.stages, rows_per_shard=cfg.rows_per_shard,
                             placement=placement_record(reservation), clip_score=p.clip_record, scorers=p.scorers)
+    manifest.update(p.scope.record())
     write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
     if fs.exists(f"{root}/{SUCCESS}"):
         fs.rm(f"{root}/{SUCCESS}")
@@ -294,7 +300,7 @@ def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str
                          min_clip_score=cfg.min_clip_score, min_aesthetic=cfg.min_aesthetic,
                          drop_unsafe=cfg.drop_unsafe)
     first_batch = None
-    if p.input.total_rows > len(done):
+    if p.scope.rows > len(done):
         first_batch, manifest["actors"] = execute(p, done, sink, reservation, echo, progress_interval, live)
     this_run = sink.result or SinkResult(0, 0, 0, 0)
 
@@ -302,7 +308,7 @@ def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str
     total = SinkResult.from_markers(markers)
     summary = RunSummary(
         output_url=display_url(cfg.output_url),
-        rows_in=p.input.total_rows,
+        rows_in=p.scope.rows,
         written=total.rows,
         errors=total.errors,
         resumed=len(done),
@@ -314,11 +320,14 @@ def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str
         rejected=total.rejected,
         start_up_seconds=None if first_batch is None else max(0.0, first_batch - started),
         clip_scored=cfg.clip_score,
+        task=p.task.name,
+        images_per_prompt=p.scope.images_per_prompt,
+        left_out=p.scope.left_out,
     )
     _close_manifest(manifest, summary, this_run)
     write_catalog(fs, root, markers)
     write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
-    if summary.complete:
+    if summary.complete and not summary.left_out:  # a run over the first rows (--limit) has not finished INPUT
         write_json_atomic(fs, f"{root}/{SUCCESS}", {"finished": manifest["finished"]})
     return summary
 
@@ -334,7 +343,8 @@ def execute(p: RunPlan, done: set[str], sink: KarloDatasink, reservation: Reserv
     ds = read_prompts(p.input)
     ds = ds.map_batches(prepare_and_skip, batch_format="pyarrow", num_cpus=PREPARE_CPUS,
                         fn_kwargs=dict(done=pa.array(sorted(done), pa.string()), duplicates=duplicates,
-                                       prepare=p.task.prepare, **p.task.prepare_settings))
+                                       prepare=p.task.prepare, images_per_prompt=cfg.images_per_prompt,
+                                       **p.task.prepare_settings))
     ledger = crashes.new_ledger()
     for name, stage in cfg.stages.items():
         model = p.clip_ref if name == "clip_score" else p.model_ref
@@ -346,7 +356,7 @@ def execute(p: RunPlan, done: set[str], sink: KarloDatasink, reservation: Reserv
     writers = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = add_encode(ds, cfg.image_format, max_actors=writers)
     last_stage = list(cfg.stages)[-1]  # rows past it, for the progress line
-    with report_progress(cfg.output_url, cfg.storage_options, total=p.input.total_rows, interval=progress_interval,
+    with report_progress(cfg.output_url, cfg.storage_options, total=p.scope.rows, interval=progress_interval,
                          write=echo, live=live,
                          generated=lambda: tuple(ray.get(ledger.finished_rows.remote(last_stage), timeout=30))):
         ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS}, concurrency=writers)
@@ -355,7 +365,8 @@ def execute(p: RunPlan, done: set[str], sink: KarloDatasink, reservation: Reserv
 
 def _close_manifest(manifest: dict[str, Any], summary: RunSummary, this_run: SinkResult) -> None:
     manifest.update(
-        status="complete" if summary.complete else "incomplete",
+        # "limited": every row of the first input rows (--limit) is committed, the rest are not read yet.
+        status=("limited" if summary.left_out else "complete") if summary.complete else "incomplete",
         bad_files=[list(b) for b in summary.bad_files],
         finished=now(),
         counts={"input_rows": summary.rows_in, "written": summary.written, "errors": summary.errors,

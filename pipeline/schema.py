@@ -13,6 +13,7 @@ import math
 import re
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -30,7 +31,8 @@ _SANITISED_STEM = 64
 _ID_HASH = 12
 # The keys the pipeline makes: derived ("<10 hex>-<9 digits>") and sanitised ("<stem>-<12 hex>"). Their last
 # segments differ, so the two never meet; an id spelled like either is sanitised too, so that no id can take the
-# key another row gets (which would leave one of them in neither metadata/ nor errors/).
+# key another row gets (which would leave one of them in neither metadata/ nor errors/). The keys of a row's extra
+# images (:func:`sample_key`, "<key>-<12 digits>") have the sanitised shape, so no id is used as one verbatim either.
 _MADE_KEY = re.compile(r"[0-9a-f]{10}-[0-9]{9}|.*-[0-9a-f]{%d}" % _ID_HASH)
 _SHOWN_CHARS = 100
 
@@ -118,6 +120,38 @@ def derive_seed(run_seed: int, key: str) -> int:
     """Seed of a row without one: a hash of the run seed and the key, so a rerun draws the same noise."""
     digest = hashlib.sha256(f"{run_seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & (SEED_LIMIT - 1)
+
+
+def copy_seed(seed: int, index: int, name: str) -> int:
+    """Seed of copy ``index`` of a row seeded ``seed``, ``name`` being the copy's key or id: copy 0 keeps the seed
+    (its image is the one a single copy makes), the others derive theirs from it and the name. ``seed + index``
+    would give rows seeded 1 and 2 the same noise for copies 1 and 0. Used by ``--images-per-prompt``
+    (:func:`expand_samples`) and by sweeps' ``seeds_per_prompt``."""
+    return seed if index == 0 else derive_seed(seed, name)
+
+
+def sample_key(key: str, index: int) -> str:
+    """Key of image ``index`` of the row keyed ``key``: the row's own key for image 0, so that one image per row is
+    a plain run and a run with more images resumes its keys; ``<key>-<index as 12 digits>`` for the others. That
+    is the shape of a sanitised key, which no id is used as verbatim (:func:`key_from_id`), so no input row can
+    hold it; it meets a sanitised key only if that key's 48-bit hash happens to be the 12 digits."""
+    return key if index == 0 else f"{key}-{index:0{_ID_HASH}d}"
+
+
+def expand_samples(table: pa.Table, images_per_prompt: int) -> pa.Table:
+    """Each row of a prepared batch as ``images_per_prompt`` adjacent rows, with :func:`sample_key` keys,
+    :func:`copy_seed` seeds and a ``sample_index`` column (int32, 0-based). Error rows are copied too: every copy
+    is a row of the output, written or an error, so rows in = written + errors + rejected counts copies. Each row
+    expands on its own, so the copies do not depend on how rows were batched."""
+    n = images_per_prompt
+    take = pa.array(np.repeat(np.arange(table.num_rows, dtype=np.int64), n))
+    index = np.tile(np.arange(n, dtype=np.int32), table.num_rows)
+    out = table.take(take)
+    keys = [sample_key(key, int(i)) for key, i in zip(out.column(C.KEY).to_pylist(), index)]
+    seeds = [copy_seed(seed, int(i), key) for seed, i, key in zip(out.column(C.SEED).to_pylist(), index, keys)]
+    out = out.set_column(out.schema.get_field_index(C.KEY), C.KEY, pa.array(keys, pa.string()))
+    out = out.set_column(out.schema.get_field_index(C.SEED), C.SEED, pa.array(seeds, pa.int64()))
+    return out.append_column(C.SAMPLE_INDEX, pa.array(index, pa.int32()))
 
 
 def prepare_batch(
@@ -223,11 +257,14 @@ def _show(value: object) -> str:
 
 
 def prepare_and_skip(
-    table: pa.Table, *, done: pa.Array, prepare: Callable[..., pa.Table] = prepare_batch, **settings: Any
+    table: pa.Table, *, done: pa.Array, prepare: Callable[..., pa.Table] = prepare_batch, images_per_prompt: int = 1,
+    **settings: Any
 ) -> pa.Table:
-    """The prepare step (of prompts, or of images for variations), then drop rows whose key is already committed
-    in OUTPUT (resume)."""
+    """The prepare step (of prompts, or of images for variations), each row as ``images_per_prompt`` rows, then
+    drop rows whose key is already committed in OUTPUT (resume)."""
     table = prepare(table, **settings)
+    if images_per_prompt > 1:
+        table = expand_samples(table, images_per_prompt)
     if len(done):
         table = table.filter(pc.invert(pc.is_in(table.column(C.KEY), value_set=done)))
     return table

@@ -26,7 +26,7 @@ from pipeline.outputs import is_finished, output_filesystem, read_manifest
 from pipeline.reader import InputError, plan_inputs
 from pipeline.redact import display_url
 from pipeline.run import OutputConflict, init_ray, run
-from pipeline.schema import SEED_LIMIT, derive_seed, make_key
+from pipeline.schema import SEED_LIMIT, copy_seed, make_key
 from pipeline.sinks import open_atomic, write_json_atomic
 
 from .spec import SWEEP_FILE, SweepSpec, points, run_config
@@ -35,7 +35,7 @@ from .summary import SUMMARY_MD, SUMMARY_PARQUET, markdown, summarize
 logger = logging.getLogger(__name__)
 
 INPUTS_DIR = "_inputs"  # expanded prompt tables for seeds_per_prompt > 1
-PROMPT_KEY, SAMPLE_INDEX = "prompt_key", "sample_index"
+PROMPT_KEY, SAMPLE_INDEX = "prompt_key", C.SAMPLE_INDEX
 
 
 def expand_prompts(url: str, samples: int, dest: str) -> str:
@@ -69,8 +69,7 @@ def expand_prompts(url: str, samples: int, dest: str) -> str:
                 raise ConfigError(f"seeds_per_prompt: {where}: seed must be an integer in [0, 2**63), got {seed!r}")
             keys += [key] * samples
             new_ids += [f"{key}-{i}" for i in range(samples)]
-            new_seeds += [None if seed is None else seed if i == 0 else derive_seed(seed, new_ids[-samples + i])
-                          for i in range(samples)]
+            new_seeds += [None if seed is None else copy_seed(seed, i, new_ids[-samples + i]) for i in range(samples)]
         take = pa.array([row for row in range(table.num_rows) for _ in range(samples)], pa.int64())
         out = table.take(take)
         out = _set(out, C.ID, pa.array(new_ids, pa.string()))

@@ -34,10 +34,13 @@ from pipeline.config import LORA_SECTION, ConfigError, RunConfig, parse_adapters
 from pipeline.redact import display_url
 
 SWEEP_FILE = "sweep.json"  # in the output root: the spec and the points in grid order
-# Settings of RunConfig a spec may set; the rest (input, output, model, stages) come from their own keys.
+# Settings of RunConfig a spec may set; the rest (input, output, model, stages) come from their own keys. A point
+# makes several images per prompt with the seeds_per_prompt axis (its copies are rows of an expanded table, with a
+# prompt_key that groups them across points), not images_per_prompt; and a point covers its whole prompt table,
+# so that a finished point is one with _SUCCESS: no limit.
 SETTINGS = tuple(f.name for f in dataclasses.fields(RunConfig)
                  if f.name not in ("input_url", "output_url", "model", "stages", "lora", "storage_options",
-                                   "overwrite"))
+                                   "overwrite", "limit", "images_per_prompt"))
 SPEC_KEYS = {"name", "prompts", "output", "model", "models", "settings", "stages", "stage_config", "grid"}
 STEPS_AXIS, SAMPLES_AXIS, LORA_SCALE_AXIS = "steps", "seeds_per_prompt", "lora_scale"
 # Short names of the usual axes in point names: pg4_dg8_steps25-25-7_n4.
