@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .sampling import per_row
 from .scheduler import UnCLIPSchedule
 
 
@@ -48,6 +49,17 @@ def init_image_tensor(images: Sequence[np.ndarray | None], size: int) -> torch.T
         top, left = (new[0] - size) // 2, (new[1] - size) // 2
         out[i] = x[0, :, top:top + size, left:left + size].clamp(-1, 1)
     return out
+
+
+def init_batch(
+    images: Sequence[np.ndarray | None] | None, strength: float | Sequence[float] | None, size: int
+) -> tuple[torch.Tensor | None, list[float] | None]:
+    """A batch's init images (None for a row without one) -> ((B, 3, size, size) in [-1, 1], (B,) strengths with 1
+    where there is no image), or (None, None) when no row has an image: plain text-to-image."""
+    if images is None or all(image is None for image in images):
+        return None, None
+    values = per_row(1.0 if strength is None else strength, len(images), "strength").tolist()
+    return init_image_tensor(images, size), [s if image is not None else 1.0 for s, image in zip(values, images)]
 
 
 def noised_start(

@@ -15,7 +15,6 @@ Image-to-image (karlo_model.img2img) is ``init_images`` + ``strength`` on the de
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, TypeVar
 
@@ -30,7 +29,8 @@ from .fastpath import apply_fast_path, fast_by_default, network_call, state_dtyp
 from .noise import draw_noise, generator_states, generators_from_seeds, generators_from_states
 from .prior import PriorTransformer
 from .repo import clip_tokenizer, fetch_stages, load_modules, random_modules, read_repo_configs
-from .sampling import Guidance, cfg_denoiser, per_row, sample_loop, to_uint8, upsample
+from .results import DecoderResult, KarloOutput, PriorResult
+from .sampling import Guidance, cfg_denoiser, sample_loop, to_uint8, upsample
 from .scheduler import UnCLIPSchedule
 from .text import TextEncoding
 from .text_proj import TextProjection
@@ -54,27 +54,6 @@ def _loaded(net: _Net | None, name: str) -> _Net:
     if net is None:
         raise RuntimeError(f"this Karlo instance was loaded without {name!r}; load the stage that needs it")
     return net
-
-
-@dataclass
-class PriorResult:
-    text: TextEncoding  # the prompts
-    negative: TextEncoding  # the unconditional text of guidance ("" unless a negative prompt is given)
-    image_embeds: torch.Tensor  # (B, D)
-    rng_state: np.ndarray  # (B, S) uint8
-
-
-@dataclass
-class DecoderResult:
-    image_64: torch.Tensor  # (B, 3, h, w) in [-1, 1]
-    rng_state: np.ndarray
-
-
-@dataclass
-class KarloOutput:
-    images: np.ndarray  # (B, H, W, 3) uint8
-    image_embeds: np.ndarray  # (B, D) float32, the prior's un-normalised CLIP image embeddings
-    text_embeds: np.ndarray  # (B, D) float32
 
 
 class Karlo:
@@ -409,15 +388,10 @@ class Karlo:
     def _init_images(
         self, images: Sequence[np.ndarray | None] | None, strength: float | Sequence[float] | None
     ) -> tuple[torch.Tensor | None, list[float] | None]:
-        """Init images (None for a row without one) -> ((B, 3, h, w) in [-1, 1], (B,) strengths, 1 where there is no
-        image), or (None, None) when no row has an image."""
-        if images is None or all(image is None for image in images):
-            return None, None
-        n = len(images)
-        values = per_row(1.0 if strength is None else strength, n, "strength").tolist()
-        strength = [s if image is not None else 1.0 for s, image in zip(values, images)]
+        """karlo_model.img2img.init_batch at the decoder's size, in the sampling dtype."""
         size = _loaded(self.decoder, "decoder").cfg.sample_size
-        return img2img.init_image_tensor(images, size).to(self.state_dtype), strength
+        init, strength = img2img.init_batch(images, strength, size)
+        return (None if init is None else init.to(self.state_dtype)), strength
 
     def text_encoding(self, embeds, hidden, mask, truncated=None) -> TextEncoding:
         """Rebuild a TextEncoding from arrays handed over by another process."""
