@@ -11,6 +11,7 @@ from pipeline.outputs import (
     IMG_EMB_DIR,
     MANIFEST,
     METADATA_DIR,
+    RAW_IMG_EMB_DIR,
     REJECTED_DIR,
     TEXT_EMB_DIR,
 )
@@ -51,7 +52,7 @@ def format_summary(s: RunSummary) -> str:
 def _folders(s: RunSummary) -> list[str]:
     """The run's folders that hold something: a shard writes a folder's file exactly when it has rows for it
     (pipeline.sinks), so the committed counts say which folders exist."""
-    good = [IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR, METADATA_DIR] + [CLIP_EMB_DIR] * s.clip_scored
+    good = [IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR, RAW_IMG_EMB_DIR, METADATA_DIR] + [CLIP_EMB_DIR] * s.clip_scored
     folders = good * bool(s.written) + [ERRORS_DIR] * bool(s.errors) + [REJECTED_DIR] * bool(s.rejected)
     return [f"{folder}/" for folder in folders]
 

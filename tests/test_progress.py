@@ -185,7 +185,7 @@ def test_summary_table():
         "  shards           4",
         "  images/s         0.02 (3 in 125.0 s)",
         "  time             2m05s",
-        "  output           s3://bucket/out  (images/, img_emb/, text_emb/, metadata/, errors/, manifest.json)",
+        "  output           s3://bucket/out  (images/, img_emb/, text_emb/, raw_img_emb/, metadata/, errors/, manifest.json)",
         "  unreadable file  b.parquet: not a Parquet file",
         "  INCOMPLETE: rows are missing; rerun the same command to finish",
     ]
@@ -208,7 +208,7 @@ def test_summary_counts_images_apart_from_error_rows_of_earlier_attempts():
                    seconds=10.0, images_this_run=4, rejected=1)
     lines = format_summary(s).splitlines()
     assert "  images written   8 (4 from earlier attempts)" in lines
-    assert "  output           out  (images/, img_emb/, text_emb/, metadata/, errors/, rejected/, manifest.json)" \
+    assert "  output           out  (images/, img_emb/, text_emb/, raw_img_emb/, metadata/, errors/, rejected/, manifest.json)" \
         in lines
 
 
@@ -216,7 +216,7 @@ def test_summary_lists_the_folders_the_run_has():
     """A scored run has clip_img_emb/; a run whose every row failed has errors/ and no image folders."""
     scored = RunSummary(output_url="out", rows_in=5, written=3, errors=1, resumed=0, shards=2, bad_files=[],
                         seconds=1.0, images_this_run=3, rejected=1, clip_scored=True)
-    assert "  output           out  (images/, img_emb/, text_emb/, metadata/, clip_img_emb/, errors/, rejected/, " \
+    assert "  output           out  (images/, img_emb/, text_emb/, raw_img_emb/, metadata/, clip_img_emb/, errors/, rejected/, " \
         "manifest.json)" in format_summary(scored).splitlines()
     failed = RunSummary(output_url="out", rows_in=2, written=0, errors=2, resumed=0, shards=1, bad_files=[],
                         seconds=1.0, images_this_run=0)
