@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from .config import ConfigError, RunConfig
 from .embedded import default_model
+from .init_images import uses_init_images
 from .manifest import check_adapters, differences, identity_of_run, model_identity
 from .outputs import committed_keys, output_filesystem, read_manifest
 from .placement import PlacementError, format_layout, layout
@@ -45,6 +46,7 @@ def dry_run(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
                         check_columns=image_column_check(cfg.image_column) if variations else None,
                         exclude=cfg.output_url)
     plan, scope = take_rows(cfg, whole)
+    uses_init_images(cfg, whole.schema)  # refuses a strength without init images, as the run does
     model = cfg.model or default_model(variations)
     model_id = model_identity(model, cfg.storage_options)
     check_model_kind(cfg.task, model_id)

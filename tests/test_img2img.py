@@ -26,6 +26,7 @@ from karlo_model.noise import draw_noise, generators_from_seeds
 from karlo_model.sampling import Guidance
 from pipeline import columns as C
 from pipeline.config import ConfigError, RunConfig, StageConfig
+from pipeline.dry_run import dry_run
 from pipeline.run import OutputConflict, plan_run, run
 
 STEPS = dict(prior_steps=3, decoder_steps=6, super_res_steps=3)
@@ -195,3 +196,5 @@ def test_strength_without_init_images_is_refused(tmp_path, tiny_model):
     plain = write_table(tmp_path / "plain" / "prompts.parquet", prompt=["a"])
     with pytest.raises(ConfigError, match="--strength is for image-to-image"):
         plan_run(RunConfig(str(plain), str(tmp_path / "out"), model=tiny_model, strength=0.5))
+    with pytest.raises(ConfigError, match="--strength is for image-to-image"):  # before any placement
+        dry_run(RunConfig(str(plain), str(tmp_path / "out"), model=tiny_model, strength=0.5), echo=print)
