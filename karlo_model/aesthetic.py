@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .fetch import is_remote, local_copy
+from . import fetch
 from .weights import WeightsError, load_into, load_torch_file
 
 # Positions of the Linear layers in ``layers`` (Dropout modules sit at 1, 3 and 5) and the dropout after each.
@@ -54,22 +54,14 @@ class AestheticPredictor(nn.Module):
 
 
 def local_file(path_or_url: str | os.PathLike, storage_options: dict | None = None) -> Path:
-    """The predictor's file on this machine: a local path as it is, a remote file (any fsspec URL) copied once per
-    machine into the model cache."""
-    url = str(path_or_url)
-    if not is_remote(url):
-        path = Path(url.removeprefix("file://"))
-        if not path.is_file():
-            raise WeightsError(f"aesthetic model {url}: no such file")
-        return path
-    parent, name = url.rstrip("/").rsplit("/", 1)
-
-    def files(fs, root: str) -> list[str]:
-        if not fs.isfile(f"{root}/{name}"):
-            raise WeightsError(f"aesthetic model {url}: no such file")
-        return [name]
-
-    return local_copy(parent, files, storage_options) / name
+    """The predictor's file on this machine (karlo_model.fetch.local_file)."""
+    try:
+        path = fetch.local_file(path_or_url, storage_options)
+    except FileNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise WeightsError(f"aesthetic model {path_or_url}: no such file")
+    return path
 
 
 def read_state(path_or_url: str | os.PathLike, storage_options: dict | None = None) -> dict[str, torch.Tensor]:

@@ -58,6 +58,16 @@ def local_copy(
     return dest
 
 
+def local_file(path_or_url: str | os.PathLike, storage_options: dict | None = None) -> Path:
+    """One file on this machine: a local path as it is, a remote file (any fsspec URL) copied once per machine
+    into the cache (``local_copy`` of its folder). A missing remote file raises FileNotFoundError."""
+    url = str(path_or_url)
+    if not is_remote(url):
+        return Path(url.removeprefix("file://"))
+    parent, name = url.rstrip("/").rsplit("/", 1)
+    return local_copy(parent, lambda fs, root: [name], storage_options) / name
+
+
 def built_once(name: str, build: Callable[[Path], None], done: str) -> Path:
     """The cache folder ``name``, made by ``build(folder)`` once per machine; it is complete when it holds the
     file ``done``, which is how later calls (and processes waiting on the lock) know not to build it again."""

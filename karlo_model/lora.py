@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import KarloConfig
-from .fetch import is_remote, local_copy
+from .fetch import is_remote, local_copy, local_file
 from .repo import build_module
 from .weights import WeightsError, file_digest, load_torch_file
 
@@ -131,10 +131,7 @@ def fetch(adapter: Adapter, storage_options: dict | None = None) -> AdapterFiles
     if not path.endswith(WEIGHT_SUFFIXES):
         raise AdapterError(f"adapter {adapter.source}: expected a PEFT folder or a file ending in "
                            f"{', '.join(WEIGHT_SUFFIXES)}")
-    if not is_remote(adapter.source):
-        return AdapterFiles(Path(path), None)
-    parent, name = adapter.source.rstrip("/").rsplit("/", 1)
-    return AdapterFiles(local_copy(parent, lambda fs, root: [name], storage_options) / name, None)
+    return AdapterFiles(local_file(adapter.source, storage_options), None)
 
 
 def digest(adapter: Adapter, storage_options: dict | None = None) -> dict[str, str]:

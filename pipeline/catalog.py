@@ -32,7 +32,7 @@ _DESCRIPTIONS = {
     "images": "the image (a Hugging Face Image), key, prompt and seed of each good row",
     "metadata": "one row per good row: key, prompt, seed, settings, pass-through columns",
     "errors": "rows that could not be generated, with the stage and the reason",
-    "rejected": "rows below the minimum CLIP score, whole: metadata, image and embeddings",
+    "rejected": "rows a filter rejected (CLIP or aesthetic score below its minimum, nsfw), whole, with the reason",
 }
 
 
