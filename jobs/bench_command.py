@@ -185,3 +185,26 @@ def bench_driver_memory_cmd(rows, as_json) -> None:
     from jobs.bench import bench_driver_memory
 
     _print_result({"driver_memory": bench_driver_memory(rows=rows)}, as_json)
+
+
+@bench.command("scale")
+@click.option("--rows", "sizes", multiple=True, type=int, default=(10_000_000, 100_000_000), show_default=True,
+              help="Input rows of each measurement (repeat the option).")
+@click.option("--work", type=click.Path(file_okay=False), default=None,
+              help="Keep the built tables here and reuse them next time (default: a temporary folder, deleted).")
+@click.option("--duplicates", default=0.03, show_default=True, type=float, help="Share of rows repeating an id.")
+@click.option("--committed", default=0.5, show_default=True, type=float, help="Share of rows already committed.")
+@click.option("--rows-per-shard", default=1000, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+def bench_scale_cmd(sizes, work, duplicates, committed, rows_per_shard, as_json) -> None:
+    """A resumed run over 10^7 and 10^8 rows with ids, half committed: each step's seconds up to the first prepared
+    batch (plan, resume, duplicate ids), the driver's peak RSS growth and the largest Ray worker's peak RSS."""
+    import tempfile
+    from pathlib import Path
+
+    from jobs.bench.scale import bench_scale
+
+    with tempfile.TemporaryDirectory(prefix="karlo-bench-scale-") as tmp:
+        result = bench_scale(Path(work or tmp), sizes=tuple(sizes), duplicates=duplicates, committed=committed,
+                             rows_per_shard=rows_per_shard)
+    _print_result({"scale": result}, as_json)

@@ -20,6 +20,12 @@ INPUT_COLUMNS = (PROMPT, ID, SEED, NEGATIVE_PROMPT, PRIOR_GUIDANCE_SCALE, DECODE
 SOURCE = "source"
 SOURCE_ROW = "source_row"
 READ_ERROR = "__read_error"
+# Added by the reader for prepare, which consumes them: where the first row with this row's key was read, for a
+# row repeating an earlier row's key (pipeline.duplicates); null for the rest. Only when the input has ids.
+FIRST_HOLDER_SOURCE = "__first_holder_source"
+FIRST_HOLDER_ROW = "__first_holder_row"
+# With --images-per-prompt N > 1: which of the row's N images are already committed (list<int32>), for resume.
+DONE_SAMPLES = "__done_samples"
 
 # Added by prepare.
 KEY = "key"  # str, unique in the run, safe as a file-name stem (no '/', no '.')

@@ -14,7 +14,7 @@ from .config import ConfigError, RunConfig
 from .embedded import default_model
 from .init_images import uses_init_images
 from .manifest import check_adapters, differences, identity_of_run, model_identity
-from .outputs import committed_keys, output_filesystem, read_manifest
+from .outputs import CommittedRun, output_filesystem, read_manifest
 from .placement import PlacementError, format_layout, layout
 from .reader import plan_inputs
 from .redact import display_url
@@ -66,7 +66,10 @@ def dry_run(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
     # Rows OUTPUT holds that this scope leaves out (pipeline.scope): refused as other settings are.
     narrower = scope.narrowing(previous) if previous and not conflict else ""
     refused = bool(conflict or narrower)
-    committed = 0 if refused or not fs.exists(root) else len(committed_keys(cfg.output_url, cfg.storage_options))
+    committed = 0
+    if not refused and fs.exists(root):
+        shards = CommittedRun(fs, root)
+        committed = shards.written + shards.errors + shards.rejected
     remaining = scope.rows - committed
     return {
         "placement": placement,

@@ -13,7 +13,7 @@ the decoder steps run and where the init image came from.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import pyarrow as pa
 
@@ -22,7 +22,7 @@ from karlo_model.img2img import steps_run
 from . import columns as C
 from .config import STRENGTH, ConfigError, RunConfig
 from .image_cells import load_images
-from .schema import Origin, prepare_batch, with_row_problems
+from .schema import prepare_batch, with_row_problems
 
 INPUT_COLUMNS = (C.INIT_IMAGE_INPUT, C.STRENGTH)
 # What prepare adds for the stages (the init image's bytes) and for the metadata.
@@ -50,7 +50,6 @@ def prepare_with_init_images(
     strength: float | None,
     decoder_steps: int,
     storage_options: dict | None = None,
-    duplicates: Mapping[str, Mapping[int, Origin]] | None = None,
 ) -> pa.Table:
     """The prepare step of prompts (``prepare_batch``), then each row's init image fetched and fully decoded and
     its strength checked: a missing or undecodable image or a strength outside (0, 1] makes an error row naming
@@ -59,7 +58,7 @@ def prepare_with_init_images(
     given = _column(table, C.STRENGTH)
     prepared = prepare_batch(table.drop_columns([c for c in INPUT_COLUMNS if c in table.column_names]),
                              run_seed=run_seed, prior_guidance_scale=prior_guidance_scale,
-                             decoder_guidance_scale=decoder_guidance_scale, duplicates=duplicates)
+                             decoder_guidance_scale=decoder_guidance_scale)
     has_image = [not _is_null(v) for v in images]
     loaded = load_images([v for v, has in zip(images, has_image) if has], storage_options or {})
     loaded_iter = iter(loaded)

@@ -17,7 +17,7 @@ Layout under the output URL, per shard id X (16 hex chars, the same X in every f
     _SUCCESS                             written when every input row is committed
 
 A shard exists once its marker does, and holds exactly the files its marker lists: resume
-(:func:`committed_keys`), the progress line, ``karlo preview`` and sweep summaries read a run only through
+(:func:`read_coverage`), the progress line, ``karlo preview`` and sweep summaries read a run only through
 here, so files of a shard whose writer died before its marker are never counted. No Ray import: the CLI's
 light commands use this module too.
 """
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -35,6 +35,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline import columns as C
+from pipeline.coverage import INPUT_ROWS, Coverage, input_rows
 from pipeline.schema import READ
 
 IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR, RAW_IMG_EMB_DIR = "images", "img_emb", "text_emb", "raw_img_emb"
@@ -44,6 +45,8 @@ CLIP_EMB_DIR, REJECTED_DIR = "clip_img_emb", "rejected"
 RUN_FOLDERS = (IMAGES_DIR, IMG_EMB_DIR, TEXT_EMB_DIR, RAW_IMG_EMB_DIR, METADATA_DIR, ERRORS_DIR, CLIP_EMB_DIR,
                REJECTED_DIR, COMMITS_DIR)
 MANIFEST = "manifest.json"
+_MARKERS_PER_READ = 2000  # markers fetched and parsed at once
+_PLACE_COLUMNS = (C.SOURCE, C.SOURCE_ROW, C.SAMPLE_INDEX)
 SUCCESS = "_SUCCESS"
 
 _ID = r"([0-9a-f]{16})"
@@ -86,13 +89,40 @@ def marker_names(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     return [name for name in list_names(fs, f"{root}/{COMMITS_DIR}") if is_marker(name)]
 
 
+def iter_markers(fs: fsspec.AbstractFileSystem, root: str, names: Iterable[str]) -> Iterator[list[dict[str, Any]]]:
+    """The commit markers ``names``, whole, ``_MARKERS_PER_READ`` at a time: a run's markers grow with its shards,
+    and a run of 10^8 rows has 10^5 of them."""
+    names = list(names)
+    for i in range(0, len(names), _MARKERS_PER_READ):
+        paths = [f"{root}/{COMMITS_DIR}/{name}" for name in names[i : i + _MARKERS_PER_READ]]
+        yield [json.loads(data) for data in fs.cat(paths).values()]
+
+
 def read_markers(fs: fsspec.AbstractFileSystem, root: str, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """The commit markers ``names`` (default: all of them now), sorted by shard id."""
-    names = marker_names(fs, root) if names is None else list(names)
-    if not names:
-        return []
-    markers = [json.loads(data) for data in fs.cat([f"{root}/{COMMITS_DIR}/{name}" for name in names]).values()]
+    """The commit markers ``names`` (default: all of them now), sorted by shard id, without the input rows they
+    cover (only resume needs those: :func:`read_coverage`)."""
+    names = marker_names(fs, root) if names is None else names
+    markers = []
+    for chunk in iter_markers(fs, root, names):
+        for marker in chunk:
+            marker.pop(INPUT_ROWS, None)
+        markers += chunk
     return sorted(markers, key=lambda marker: marker["shard"])
+
+
+def read_coverage(fs: fsspec.AbstractFileSystem, root: str) -> Coverage:
+    """The input rows the run under ``root`` committed (:mod:`pipeline.coverage`), from its markers alone. Markers
+    written before they listed their rows have the rows' places read from their shards' tables."""
+    coverage = Coverage()
+    for markers in iter_markers(fs, root, marker_names(fs, root)):
+        coverage.rows += sum(m["rows"] + m["errors"] + m.get("rejected", 0) for m in markers)
+        coverage.add(record for m in markers for record in m.get(INPUT_ROWS) or ())
+        older = [m for m in markers if INPUT_ROWS not in m]
+        if older:
+            tables = (read_columns(fs, f"{root}/{rel}", _PLACE_COLUMNS) for m in older for rel in m["files"]
+                      if rel.startswith((f"{METADATA_DIR}/", f"{ERRORS_DIR}/", f"{REJECTED_DIR}/")))
+            coverage.add(record for table in tables for record in input_rows(table) or ())
+    return coverage
 
 
 def read_columns(fs: fsspec.AbstractFileSystem, path: str, wanted: Iterable[str] | None = None) -> pa.Table:
@@ -135,8 +165,12 @@ class CommittedRun:
             return None
         return pads.dataset(paths, format="parquet", filesystem=self.fs).to_table(columns=columns, filter=filter)
 
+    @property
+    def rejected(self) -> int:
+        return sum(m.get("rejected", 0) for m in self.markers)
+
     def keys(self) -> set[str]:
-        """Keys of every committed row, good, error or rejected: the rows a resumed run must not write again."""
+        """Keys of every committed row, good, error or rejected (for checks of small runs: it holds every key)."""
         table = self.table((METADATA_DIR, ERRORS_DIR, REJECTED_DIR), [C.KEY])
         return set() if table is None else set(table.column(C.KEY).to_pylist())
 

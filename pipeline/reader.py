@@ -11,6 +11,7 @@ by rows, not bytes, is what spreads them over the actor pools.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import posixpath
@@ -18,7 +19,7 @@ import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import fsspec
 import numpy as np
@@ -30,7 +31,11 @@ from ray.data.context import DataContext
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline import columns as C
+from pipeline.coverage import Coverage
 from pipeline.redact import display_url, storage_error
+
+if TYPE_CHECKING:
+    from pipeline.duplicates import DuplicateIndex
 
 _MAGIC = b"PAR1"
 # One ranged GET usually covers a prompt table's whole footer; a longer footer costs a second GET.
@@ -41,6 +46,11 @@ _PANDAS_INDEX = re.compile(r"__index_level_\d+__")
 _FOOTER_THREADS = 32
 # Error messages name at most this many files.
 _SHOWN_FILES = 5
+# Ray Data keeps every read task on the driver, about 2 KB each: 10^8 rows in blocks of 64 would be 1.6M tasks and
+# 3 GB. Past this many blocks, a task reads several consecutive blocks and yields them one at a time.
+MAX_READ_TASKS = 4096
+_READ_BUFFER = 1 << 20  # bytes per buffered read of a column chunk
+_DECODE_ROWS, _DECODE_BYTES = 8192, 16 << 20  # rows decoded at once: at most this many, and about this many bytes
 
 
 class InputError(ValueError):
@@ -155,15 +165,45 @@ def first_rows(plan: InputPlan, limit: int) -> InputPlan:
     return dataclasses.replace(plan, files=tuple(files))
 
 
-class PromptTableDatasource(Datasource):
-    """Reads an :class:`InputPlan`, adding ``source`` and ``source_row`` to every row."""
+@dataclass(frozen=True)
+class ReadRange:
+    """Rows [start, stop) of one planned file, the file's row 0 being row ``offset`` of the plan."""
 
-    def __init__(self, plan: InputPlan):
+    file: InputFile
+    offset: int
+    start: int
+    stop: int
+    done: Coverage | None = None  # with several images per row: those of these rows already committed
+
+
+class PromptTableDatasource(Datasource):
+    """Reads an :class:`InputPlan` in blocks of ``rows_per_task`` rows, adding ``source`` and ``source_row`` to every
+    row. ``skip``: the rows committed by earlier attempts (resume), of which only the rows with an image still to
+    make are read; ``duplicates``: where the input repeats a key, handed to prepare per row."""
+
+    def __init__(self, plan: InputPlan, skip: Coverage | None = None, images_per_prompt: int = 1,
+                 duplicates: DuplicateIndex | None = None):
         super().__init__()
-        self._plan = plan
+        self._plan, self._skip, self._images = plan, skip, images_per_prompt
+        self._duplicates = duplicates
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(_slice_bytes(f, f.num_rows) for f in self._plan.files)
+
+    def ranges(self) -> list[ReadRange]:
+        """The rows to read, in plan order: every planned row, less those whose every image is committed."""
+        out, offset = [], 0
+        for f in self._plan.files:
+            if self._skip is None:
+                out.append(ReadRange(f, offset, 0, f.num_rows))
+            else:
+                starts, stops = self._skip.missing(f.source, f.num_rows, self._images)
+                for start, stop in zip(starts.tolist(), stops.tolist()):
+                    done = (self._skip.restricted(f.source, (np.array([start]), np.array([stop])), self._images)
+                            if self._images > 1 else None)
+                    out.append(ReadRange(f, offset, start, stop, done))
+            offset += f.num_rows
+        return [r for r in out if r.stop > r.start]
 
     def get_read_tasks(
         self,
@@ -171,54 +211,162 @@ class PromptTableDatasource(Datasource):
         per_task_row_limit: int | None = None,
         data_context: DataContext | None = None,
     ) -> list[ReadTask]:
-        # ``parallelism`` is ignored on purpose: the slices follow rows_per_task, so that blocks are as small as
-        # the plan asks whatever size Ray guesses from the (tiny) byte count.
+        # ``parallelism`` is ignored on purpose: blocks follow rows_per_task, so that they are as small as the plan
+        # asks whatever size Ray guesses from the (tiny) byte count. Up to MAX_READ_TASKS blocks, each is a task;
+        # past it, a task reads several consecutive blocks and yields them one at a time.
         step = self._plan.rows_per_task
-        return [
-            self._task(f, start, min(start + step, f.num_rows), per_task_row_limit)
-            for f in self._plan.files
-            for start in range(0, f.num_rows, step)
-        ]
+        ranges = self.ranges()
+        blocks = sum(-(-(r.stop - r.start) // step) for r in ranges)
+        per_task = max(1, -(-blocks // MAX_READ_TASKS))  # blocks per task
+        tasks, current, room = [], [], per_task
+        for r in ranges:
+            start = r.start
+            while start < r.stop:
+                stop = min(r.stop, start + room * step)
+                current.append(dataclasses.replace(r, start=start, stop=stop))
+                room -= -(-(stop - start) // step)
+                start = stop
+                if room == 0:
+                    tasks.append(self._task(current, per_task_row_limit))
+                    current, room = [], per_task
+        if current:
+            tasks.append(self._task(current, per_task_row_limit))
+        return tasks
 
-    def _task(self, f: InputFile, start: int, stop: int, per_task_row_limit: int | None) -> ReadTask:
+    def _task(self, ranges: list[ReadRange], per_task_row_limit: int | None) -> ReadTask:
+        rows = sum(r.stop - r.start for r in ranges)
         metadata = BlockMetadata(
-            num_rows=stop - start, size_bytes=_slice_bytes(f, stop - start), exec_stats=None, input_files=[f.url]
+            num_rows=rows, size_bytes=sum(_slice_bytes(r.file, r.stop - r.start) for r in ranges), exec_stats=None,
+            input_files=list(dict.fromkeys(r.file.url for r in ranges)),
         )
+        schema = _read_schema(self._plan.schema, self._duplicates is not None, self._images)
         return ReadTask(
-            _slice_reader(f, start, stop, self._plan.schema, self._plan.storage_options),
+            _range_reader(ranges, self._plan, self._images, self._duplicates),
             metadata,
-            schema=_with_source_columns(self._plan.schema),
+            schema=schema,
             per_task_row_limit=per_task_row_limit,
         )
 
 
-def read_prompts(plan: InputPlan, num_cpus: float = 0.25) -> ray.data.Dataset:
-    """The plan as a Dataset. Each read task takes a fraction of a CPU to fit beside actor pools that hold the rest."""
-    return ray.data.read_datasource(PromptTableDatasource(plan), num_cpus=num_cpus)
+def read_prompts(plan: InputPlan, num_cpus: float = 0.25, skip: Coverage | None = None, images_per_prompt: int = 1,
+                 duplicates: DuplicateIndex | None = None) -> ray.data.Dataset:
+    """The plan as a Dataset (:class:`PromptTableDatasource`). Each read task takes a fraction of a CPU to fit beside
+    actor pools that hold the rest."""
+    source = PromptTableDatasource(plan, skip, images_per_prompt, duplicates)
+    return ray.data.read_datasource(source, num_cpus=num_cpus)
 
 
-def read_column(plan: InputPlan, name: str) -> list[tuple[str, list]]:
-    """(source, values) of one column in every planned file, in plan order; all None where a file lacks it.
+@contextlib.contextmanager
+def open_input(f: InputFile, storage_options: dict) -> Iterator[pq.ParquetFile]:
+    """The planned file open for reading, checked unchanged since it was planned. The Parquet reader raises OSError
+    for damaged pages as for storage failures: within the block, damaged content raises :class:`DamagedFile`, a
+    storage failure its own error."""
+    fs, path = fsspec.core.url_to_fs(f.url, **storage_options)
+    with fs.open(path, "rb") as raw:
+        fh = _WatchedFile(raw)
+        try:
+            # Buffered column reads: a row group of a million prompts is not loaded whole to read 64 of them.
+            pf = pq.ParquetFile(fh, buffer_size=_READ_BUFFER)
+            _check_unchanged(f, pf.metadata)
+            yield pf
+        except (pa.ArrowException, OSError) as e:
+            raise DamagedFile(fh.content_error(e)) from e
 
-    For checks on the driver that need every row at once, such as unique keys; only that column's pages are read.
-    """
 
-    def values(f: InputFile) -> list:
-        fs, path = fsspec.core.url_to_fs(f.url, **plan.storage_options)
-        with fs.open(path, "rb") as raw:
-            fh = _WatchedFile(raw)
-            try:
-                pf = pq.ParquetFile(fh)
-                if name not in pf.schema_arrow.names:
-                    return [None] * f.num_rows
-                # The planned rows only: a plan cut by first_rows ends inside a file.
-                return pf.read(columns=[name]).column(name).slice(0, f.num_rows).to_pylist()
-            except (pa.ArrowException, OSError) as e:
-                fh.content_error(e)
-                return [None] * f.num_rows  # damaged pages: the read tasks make the file's rows error rows
+def iter_rows(pf: pq.ParquetFile, f: InputFile, start: int, stop: int, columns: list[str],
+              batch_rows: int) -> Iterator[pa.Table]:
+    """Rows [start, stop) of an open file, ``columns`` only, in tables of ``batch_rows`` rows (the last fewer),
+    decoded a few MB at a time from the row groups that hold them (rows before ``start`` are decoded and dropped:
+    Parquet has no row-level seek)."""
+    offsets = list(itertools.accumulate(f.row_group_rows, initial=0))
+    groups = [i for i in range(len(f.row_group_rows)) if offsets[i] < stop and offsets[i + 1] > start]
+    if not groups:
+        return
+    row_bytes = max(1, f.size_bytes // max(1, f.num_rows))
+    decode_rows = max(batch_rows, min(_DECODE_ROWS, _DECODE_BYTES // row_bytes))
+    pos, pending = offsets[groups[0]], None  # pos: the file row of the next batch's first row
+    for batch in pf.iter_batches(batch_size=decode_rows, row_groups=groups, columns=columns, use_threads=False):
+        lo, hi = max(start, pos), min(stop, pos + batch.num_rows)
+        if hi > lo:
+            piece = pa.Table.from_batches([batch.slice(lo - pos, hi - lo)])
+            pending = piece if pending is None else pa.concat_tables([pending, piece])
+            while pending.num_rows >= batch_rows:
+                yield pending.slice(0, batch_rows)
+                pending = pending.slice(batch_rows)
+        pos += batch.num_rows
+        if pos >= stop:
+            break
+    if pending is not None and pending.num_rows:
+        yield pending
 
-    with ThreadPoolExecutor(min(_FOOTER_THREADS, len(plan.files))) as pool:
-        return [(f.source, column) for f, column in zip(plan.files, pool.map(values, plan.files))]
+
+class DamagedFile(Exception):
+    """A planned file's data pages cannot be decoded (its footer could); the message is the reason."""
+
+
+def _range_reader(ranges: list[ReadRange], plan: InputPlan, images_per_prompt: int,
+                  duplicates: DuplicateIndex | None) -> Callable[[], Iterator[pa.Table]]:
+    """The read function of one task. It closes over its own rows, not the whole plan, so it pickles small."""
+    schema, step = plan.schema, plan.rows_per_task
+
+    def read() -> Iterator[pa.Table]:
+        for r in ranges:
+            repeats = None if duplicates is None else duplicates.lookup(r.offset + r.start, r.offset + r.stop)
+            for start, n, table, reason in _read_range(r, schema, plan.storage_options, step):
+                block = _block(r.file, start, n, table, schema, reason)
+                if repeats is not None:
+                    block = _with_first_holders(block, r.offset + start, repeats)
+                if images_per_prompt > 1:
+                    rows = block.column(C.SOURCE_ROW).to_numpy()
+                    done = r.done.done(r.file.source, rows, images_per_prompt) if r.done else [[]] * len(rows)
+                    block = block.append_column(C.DONE_SAMPLES, pa.array(done, pa.list_(pa.int32())))
+                yield block
+
+    return read
+
+
+def _read_range(r: ReadRange, schema: pa.Schema, storage_options: dict,
+                step: int) -> Iterator[tuple[int, int, pa.Table | None, str | None]]:
+    """(first row, rows, their table of the schema's columns the file has, None) per block of ``r``; from a block
+    whose data pages cannot be decoded on, (first row, rows, None, the reason) per block: the plan counted those
+    rows, so each becomes an error row (prepare) instead of failing the run, and every rerun, on the same pages."""
+    done = r.start
+    try:
+        with open_input(r.file, storage_options) as pf:
+            wanted = [name for name in pf.schema_arrow.names if name in schema.names]
+            for table in iter_rows(pf, r.file, r.start, r.stop, wanted, step):
+                yield done, table.num_rows, table, None
+                done += table.num_rows
+    except DamagedFile as e:
+        for start in range(done, r.stop, step):
+            yield start, min(step, r.stop - start), None, str(e)
+
+
+def _block(f: InputFile, start: int, n: int, table: pa.Table | None, schema: pa.Schema,
+           reason: str | None) -> pa.Table:
+    """A read block of rows [start, start + n): the schema's columns (nulls where the file lacks one, and all of
+    them for rows not decoded), then source, source_row and the read error."""
+    if table is None:
+        columns = [pa.nulls(n, c.type) for c in schema]
+    else:
+        columns = [table.column(c.name).cast(c.type) if c.name in table.column_names else pa.nulls(n, c.type)
+                   for c in schema]
+    arrays = [*columns, pa.array([f.source] * n, pa.string()), pa.array(np.arange(start, start + n, dtype=np.int64)),
+              pa.array([reason] * n, pa.string())]
+    return pa.Table.from_arrays(arrays, schema=_read_schema(schema))
+
+
+def _with_first_holders(block: pa.Table, position: int, repeats: tuple[np.ndarray, list[str], np.ndarray]) -> pa.Table:
+    """``block`` (its first row at plan ``position``) with the source and row of each repeat's first holder."""
+    positions, sources, rows = repeats
+    n = block.num_rows
+    i, j = np.searchsorted(positions, [position, position + n])
+    first_source: list[str | None] = [None] * n
+    first_row: list[int | None] = [None] * n
+    for k in range(i, j):
+        first_source[positions[k] - position], first_row[positions[k] - position] = sources[k], int(rows[k])
+    return (block.append_column(C.FIRST_HOLDER_SOURCE, pa.array(first_source, pa.string()))
+            .append_column(C.FIRST_HOLDER_ROW, pa.array(first_row, pa.int64())))
 
 
 def _excluded_prefix(fs: fsspec.AbstractFileSystem, exclude: str | None, storage_options: dict) -> str | None:
@@ -346,9 +494,17 @@ def _family(t: pa.DataType) -> str | None:
     return None  # other types (nested, temporal, ...) must match exactly
 
 
-def _with_source_columns(schema: pa.Schema) -> pa.Schema:
-    return (schema.append(pa.field(C.SOURCE, pa.string())).append(pa.field(C.SOURCE_ROW, pa.int64()))
-            .append(pa.field(C.READ_ERROR, pa.string())))
+def _read_schema(schema: pa.Schema, first_holders: bool = False, images_per_prompt: int = 1) -> pa.Schema:
+    """The columns of a read block: the input's, where each row was read and its read error, then the marks that
+    :func:`_range_reader` adds for prepare."""
+    schema = (schema.append(pa.field(C.SOURCE, pa.string())).append(pa.field(C.SOURCE_ROW, pa.int64()))
+              .append(pa.field(C.READ_ERROR, pa.string())))
+    if first_holders:
+        schema = (schema.append(pa.field(C.FIRST_HOLDER_SOURCE, pa.string()))
+                  .append(pa.field(C.FIRST_HOLDER_ROW, pa.int64())))
+    if images_per_prompt > 1:
+        schema = schema.append(pa.field(C.DONE_SAMPLES, pa.list_(pa.int32())))
+    return schema
 
 
 class _WatchedFile:
@@ -395,35 +551,3 @@ def _slice_bytes(f: InputFile, rows: int) -> int:
     # read error is null for rows read).
     per_row = (f.size_bytes / f.num_rows if f.num_rows else 0) + 8 + 8 + len(f.source)
     return int(per_row * rows)
-
-
-def _slice_reader(f: InputFile, start: int, stop: int, schema: pa.Schema, storage_options: dict):
-    """The read function of one task. It closes over its own file and rows, not the whole plan, so it pickles small."""
-
-    def read_slice() -> list[pa.Table]:
-        fs, path = fsspec.core.url_to_fs(f.url, **storage_options)
-        offsets = list(itertools.accumulate(f.row_group_rows, initial=0))
-        groups = [i for i in range(len(f.row_group_rows)) if offsets[i] < stop and offsets[i + 1] > start]
-        n = stop - start
-        with fs.open(path, "rb") as raw:
-            fh = _WatchedFile(raw)
-            try:
-                pf = pq.ParquetFile(fh)
-                _check_unchanged(f, pf.metadata)
-                wanted = [name for name in pf.schema_arrow.names if name in schema.names]
-                table = pf.read_row_groups(groups, columns=wanted)
-            except (pa.ArrowException, OSError) as e:
-                # Damaged data pages behind a sound footer: the plan counted these rows, so each becomes an
-                # error row (prepare) instead of failing the run, and every rerun, on the same pages.
-                reason = fh.content_error(e)
-                columns, read_error = [pa.nulls(n, c.type) for c in schema], pa.array([reason] * n, pa.string())
-            else:
-                table = table.slice(start - offsets[groups[0]], n)
-                columns = [table.column(c.name).cast(c.type) if c.name in wanted else pa.nulls(n, c.type)
-                           for c in schema]
-                read_error = pa.nulls(n, pa.string())
-        arrays = [*columns, pa.array([f.source] * n, pa.string()), pa.array(np.arange(start, stop, dtype=np.int64)),
-                  read_error]
-        return [pa.Table.from_arrays(arrays, schema=_with_source_columns(schema))]
-
-    return read_slice

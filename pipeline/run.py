@@ -12,14 +12,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
-import pyarrow as pa
 import ray
 
-from . import columns as C
 from . import crashes
 from .actors import add_stage
 from .catalog import CARD, SHARD_LIST, write_catalog
 from .config import ConfigError, RunConfig
+from .coverage import Coverage
+from .duplicates import DuplicateIndex, find_duplicates
 from .embedded import EmbeddedModel
 from .encode import ENCODE_CPUS, add_encode
 from .init_images import uses_init_images
@@ -28,18 +28,18 @@ from .outputs import (
     MANIFEST,
     RUN_FOLDERS,
     SUCCESS,
-    committed_keys,
     committed_shards,
     damaged_sources,
     output_filesystem,
+    read_coverage,
     read_manifest,
 )
 from .placement import Reservation, placement_record, reserved
 from .progress import report_progress
 from .quiet import quiet_ray_data
-from .reader import InputError, InputPlan, display_url, plan_inputs, read_column, read_prompts
+from .reader import InputError, InputPlan, display_url, plan_inputs, read_prompts
 from .redact import storage_error
-from .schema import find_duplicates, prepare_and_skip
+from .schema import prepare_and_skip
 from .scope import Scope, take_rows
 from .scoring import plan_scoring
 from .shards import unwritable_columns
@@ -220,8 +220,8 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = logger.info, progress_i
     previous, replace = _previous_run(cfg, fs, root, p.identity, p.scope)
     # Rows committed by earlier attempts (none once another run's files are replaced); removing uncommitted files
     # before the attempt does not change them.
-    done = set() if replace else committed_keys(cfg.output_url, cfg.storage_options)
-    if previous is not None and len(done) >= p.scope.rows:  # every row committed: nothing needs Ray
+    done = Coverage() if replace else read_coverage(fs, root)
+    if previous is not None and done.rows >= p.scope.rows:  # every row committed: nothing needs Ray
         return _attempt(p, fs, root, started, echo, previous, replace, done, reservation=None)
     # Before OUTPUT is touched: a run that cannot be placed must not leave a manifest that refuses the fixed rerun.
     try:
@@ -274,9 +274,9 @@ def _open_output(cfg: RunConfig, fs: Any, root: str, replace: bool) -> None:
 
 
 def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str], None],
-             previous: dict[str, Any] | None, replace: bool, done: set[str], reservation: Reservation | None,
+             previous: dict[str, Any] | None, replace: bool, done: Coverage, reservation: Reservation | None,
              progress_interval: float = 0.0, live: TextIO | None = None) -> RunSummary:
-    """One attempt at the rows not in ``done``: OUTPUT opened (``previous``: this run's manifest, ``replace``:
+    """One attempt at the rows ``done`` does not cover: OUTPUT opened (``previous``: this run's manifest, ``replace``:
     another run's files to delete first), the dataset executed if rows remain, the summary and the closed
     manifest."""
     cfg = p.cfg
@@ -284,8 +284,8 @@ def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str
     removed = remove_uncommitted(cfg.output_url, cfg.storage_options)
     if removed:
         echo(f"removed {len(removed)} uncommitted file(s) left by an interrupted run")
-    if done:
-        echo(f"resuming: {len(done)} of {p.scope.rows} rows are already committed")
+    if done.rows:
+        echo(f"resuming: {done.rows} of {p.scope.rows} rows are already committed")
     manifest = new_manifest(p.identity, previous, input_rows=p.scope.rows, bad_files=p.input.bad_files,
                             stages=cfg.stages, rows_per_shard=cfg.rows_per_shard,
                             placement=placement_record(reservation), clip_score=p.clip_record, scorers=p.scorers)
@@ -300,7 +300,7 @@ def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str
                          min_clip_score=cfg.min_clip_score, min_aesthetic=cfg.min_aesthetic,
                          drop_unsafe=cfg.drop_unsafe)
     first_batch = None
-    if p.scope.rows > len(done):
+    if p.scope.rows > done.rows:
         first_batch, manifest["actors"] = execute(p, done, sink, reservation, echo, progress_interval, live)
     this_run = sink.result or SinkResult(0, 0, 0, 0)
 
@@ -311,7 +311,7 @@ def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str
         rows_in=p.scope.rows,
         written=total.rows,
         errors=total.errors,
-        resumed=len(done),
+        resumed=done.rows,
         shards=total.shards,
         # Files whose footers parse but some data pages do not: their rows are error rows, the files named too.
         bad_files=[*p.input.bad_files, *damaged_sources(cfg.output_url, cfg.storage_options)],
@@ -332,19 +332,14 @@ def _attempt(p: RunPlan, fs: Any, root: str, started: float, echo: Callable[[str
     return summary
 
 
-def execute(p: RunPlan, done: set[str], sink: KarloDatasink, reservation: Reservation | None,
+def execute(p: RunPlan, done: Coverage, sink: KarloDatasink, reservation: Reservation | None,
             echo: Callable[[str], None], progress_interval: float,
             live: TextIO | None = None) -> tuple[float | None, list[dict[str, Any]]]:
-    """read -> prepare (keys, seeds, validation; rows in ``done`` dropped) -> the model stages -> encode ->
-    write, streamed by Ray Data; returns when the first batch began (None if unknown) and where the stage actors
-    ran."""
+    """read (rows ``done`` covers skipped; repeated ids marked) -> prepare (keys, seeds, validation) -> the model
+    stages -> encode -> write, streamed by Ray Data; returns when the first batch began (None if unknown) and where
+    the stage actors ran."""
     cfg = p.cfg
-    duplicates = find_duplicates(read_column(p.input, C.ID)) if C.ID in p.input.schema.names else {}
-    ds = read_prompts(p.input)
-    ds = ds.map_batches(prepare_and_skip, batch_format="pyarrow", num_cpus=PREPARE_CPUS,
-                        fn_kwargs=dict(done=pa.array(sorted(done), pa.string()), duplicates=duplicates,
-                                       prepare=p.task.prepare, images_per_prompt=cfg.images_per_prompt,
-                                       **p.task.prepare_settings))
+    ds = prepared_rows(p, done, find_duplicates(p.input))
     ledger = crashes.new_ledger()
     for name, stage in cfg.stages.items():
         model = p.clip_ref if name == "clip_score" else p.model_ref
@@ -361,6 +356,15 @@ def execute(p: RunPlan, done: set[str], sink: KarloDatasink, reservation: Reserv
                          generated=lambda: tuple(ray.get(ledger.finished_rows.remote(last_stage), timeout=30))):
         ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS}, concurrency=writers)
     return _first_batch_began(ledger), _actor_placements(ledger)
+
+
+def prepared_rows(p: RunPlan, done: Coverage, duplicates: DuplicateIndex | None) -> ray.data.Dataset:
+    """The rows the attempt makes, read and prepared: the planned rows less those ``done`` covers, each repeat of
+    an earlier row's id (``duplicates``, from :func:`pipeline.duplicates.find_duplicates`) an error row."""
+    ds = read_prompts(p.input, skip=done, images_per_prompt=p.scope.images_per_prompt, duplicates=duplicates)
+    return ds.map_batches(prepare_and_skip, batch_format="pyarrow", num_cpus=PREPARE_CPUS,
+                          fn_kwargs=dict(prepare=p.task.prepare, images_per_prompt=p.scope.images_per_prompt,
+                                         **p.task.prepare_settings))
 
 
 def _close_manifest(manifest: dict[str, Any], summary: RunSummary, this_run: SinkResult) -> None:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline import columns as C
 
@@ -25,7 +24,7 @@ READ = "read"  # the error_stage of rows whose data the reader could not decode 
 SEED_LIMIT = 2**63  # seeds are non-negative int64
 # An id used as a key verbatim: safe as a file-name stem everywhere (no '/', no '.'), and not starting with '-',
 # which command-line tools would read as an option.
-_SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,99}")
+SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,99}")
 _UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9_-]")
 _SANITISED_STEM = 64
 _ID_HASH = 12
@@ -33,8 +32,9 @@ _ID_HASH = 12
 # segments differ, so the two never meet; an id spelled like either is sanitised too, so that no id can take the
 # key another row gets (which would leave one of them in neither metadata/ nor errors/). The keys of a row's extra
 # images (:func:`sample_key`, "<key>-<12 digits>") have the sanitised shape, so no id is used as one verbatim either.
-_MADE_KEY = re.compile(r"[0-9a-f]{10}-[0-9]{9}|.*-[0-9a-f]{%d}" % _ID_HASH)
+MADE_KEY = re.compile(r"[0-9a-f]{10}-[0-9]{9}|.*-[0-9a-f]{%d}" % _ID_HASH)
 _SHOWN_CHARS = 100
+_CONSUMED = (C.READ_ERROR, C.FIRST_HOLDER_SOURCE, C.FIRST_HOLDER_ROW)  # the reader's marks for prepare
 
 # What prepare writes, in this order after the input's columns (a column already in the input is replaced in place).
 _OUTPUT_TYPES = {
@@ -67,7 +67,7 @@ def key_from_id(ident: object) -> str:
     text = str(ident)
     if not text:
         raise ValueError("id is empty")
-    if _SAFE_ID.fullmatch(text) and not _MADE_KEY.fullmatch(text):
+    if SAFE_ID.fullmatch(text) and not MADE_KEY.fullmatch(text):
         return text
     stem = _UNSAFE_CHAR.sub("_", text)[:_SANITISED_STEM]
     if stem.startswith("-"):
@@ -86,28 +86,6 @@ def row_key(ident: object, source: str, source_row: int) -> tuple[str, str | Non
 
 # Where the first row with a key was read: (source, row index).
 Origin = tuple[str, int]
-
-
-def find_duplicates(ids: Iterable[tuple[str, list]]) -> dict[str, dict[int, Origin]]:
-    """source -> {row: the earlier row holding its key} for rows whose key an earlier row of the input already
-    has, given (source, id values) of every file in plan order.
-
-    :func:`prepare_batch` sees one read task's rows; a repeat in another task would be generated twice, under
-    one key. The driver finds repeats across the whole input here, from the id column alone, and passes them to
-    every batch, so that the first row with a key keeps it and every later one is an error row naming the first,
-    whatever the batching. Each repeat takes its derived key, as :func:`prepare_batch` gives it: no id can be
-    spelled like a derived key (:func:`key_from_id`), so that key is free.
-    """
-    seen: dict[str, Origin] = {}
-    out: dict[str, dict[int, Origin]] = {}
-    for source, column in ids:
-        for row, ident in enumerate(column):
-            key, reason = row_key(ident, source, row)
-            if reason is None and key in seen:
-                out.setdefault(source, {})[row] = seen[key]
-                key = derive_key(source, row)
-            seen.setdefault(key, (source, row))
-    return out
 
 
 def derive_key(source: str, source_row: int) -> str:
@@ -160,15 +138,14 @@ def prepare_batch(
     run_seed: int,
     prior_guidance_scale: float,
     decoder_guidance_scale: float,
-    duplicates: Mapping[str, Mapping[int, Origin]] | None = None,
 ) -> pa.Table:
     """Add key, seed, negative_prompt, both guidance scales, error and error_stage to a reader batch.
 
-    A row repeating the key of an earlier row of the batch, or listed in ``duplicates`` (from
-    :func:`find_duplicates`, for repeats across batches), is an error row; so is a row the reader could not
-    decode, under its derived key (its values are all null).
+    A row repeating the key of an earlier row of the batch, or marked by the reader as repeating an earlier row
+    of the input (pipeline.duplicates, for repeats across batches), is an error row naming the first; it takes
+    its derived key, which no id can be spelled as (:func:`key_from_id`), so keys stay unique across good and
+    error rows. So is a row the reader could not decode, under its derived key (its values are all null).
     """
-    duplicates = duplicates or {}
     n = table.num_rows
     given = (C.ID, C.SEED, C.NEGATIVE_PROMPT, C.PRIOR_GUIDANCE_SCALE, C.DECODER_GUIDANCE_SCALE)
     rows = zip(
@@ -176,11 +153,11 @@ def prepare_batch(
         table.column(C.SOURCE).to_pylist(),
         table.column(C.SOURCE_ROW).to_pylist(),
         *(table.column(name).to_pylist() if name in table.column_names else [None] * n
-          for name in (*given, C.READ_ERROR)),
+          for name in (*given, C.READ_ERROR, C.FIRST_HOLDER_SOURCE, C.FIRST_HOLDER_ROW)),
     )
     out: dict[str, list] = {name: [] for name in _OUTPUT_TYPES}
     used: dict[str, Origin] = {}
-    for prompt, source, source_row, ident, seed, negative, prior, decoder, read_error in rows:
+    for prompt, source, source_row, ident, seed, negative, prior, decoder, read_error, first_source, first_row in rows:
         reasons: list[str] = []
         if read_error is None:
             _check_prompt(prompt, reasons)
@@ -189,7 +166,8 @@ def prepare_batch(
         key, reason = row_key(ident, source, source_row)
         if reason:
             reasons.append(reason)
-        elif read_error is None and (first := duplicates.get(source, {}).get(source_row) or used.get(key)):
+        elif read_error is None and (first := (first_source, first_row) if first_source is not None
+                                     else used.get(key)):
             # The duplicate takes its derived key, so that keys stay unique across good and error rows.
             reasons.append(f"duplicate id {_show(ident)}: row {first[1]} of {first[0]!r} has the same key {key!r}")
             key = derive_key(source, source_row)
@@ -209,7 +187,7 @@ def prepare_batch(
         column = pa.array(out[name], typ)
         index = table.schema.get_field_index(name)
         table = table.set_column(index, name, column) if index >= 0 else table.append_column(name, column)
-    return table.drop_columns([C.READ_ERROR]) if C.READ_ERROR in table.column_names else table
+    return table.drop_columns([c for c in _CONSUMED if c in table.column_names])
 
 
 def _check_prompt(prompt: object, reasons: list[str]) -> None:
@@ -257,16 +235,18 @@ def _show(value: object) -> str:
 
 
 def prepare_and_skip(
-    table: pa.Table, *, done: pa.Array, prepare: Callable[..., pa.Table] = prepare_batch, images_per_prompt: int = 1,
+    table: pa.Table, *, prepare: Callable[..., pa.Table] = prepare_batch, images_per_prompt: int = 1,
     **settings: Any
 ) -> pa.Table:
-    """The prepare step (of prompts, or of images for variations), each row as ``images_per_prompt`` rows, then
-    drop rows whose key is already committed in OUTPUT (resume)."""
+    """The prepare step (of prompts, or of images for variations), each row as ``images_per_prompt`` rows, less the
+    images an earlier attempt committed (the reader skips rows all of whose images are: pipeline.coverage)."""
     table = prepare(table, **settings)
     if images_per_prompt > 1:
-        table = expand_samples(table, images_per_prompt)
-    if len(done):
-        table = table.filter(pc.invert(pc.is_in(table.column(C.KEY), value_set=done)))
+        done = table.column(C.DONE_SAMPLES).to_pylist()
+        table = expand_samples(table.drop_columns([C.DONE_SAMPLES]), images_per_prompt)
+        index = table.column(C.SAMPLE_INDEX).to_pylist()
+        keep = [i not in done[row // images_per_prompt] for row, i in enumerate(index)]
+        table = table.filter(pa.array(keep, pa.bool_()))
     return table
 
 

@@ -25,6 +25,7 @@ from ray.data.datasource.datasink import WriteResult
 
 from pipeline import columns as C
 from pipeline.config import OUTPUT_FORMATS
+from pipeline.coverage import INPUT_ROWS, input_rows
 from pipeline.outputs import (
     CLIP_EMB_DIR,
     COMMITS_DIR,
@@ -267,7 +268,9 @@ class KarloDatasink(Datasink[list[dict[str, Any]]]):
             "files": list(written),
             "bytes": sum(written.values()),
         }
-        write_json_atomic(fs, f"{root}/{COMMITS_DIR}/{shard}.json", marker)
+        places = input_rows(rows.table)  # the input rows it holds, for resume (pipeline.coverage)
+        write_json_atomic(fs, f"{root}/{COMMITS_DIR}/{shard}.json",
+                          marker if places is None else {**marker, INPUT_ROWS: places})
         logger.debug("committed shard %s: %d rows, %d errors", shard, good.num_rows, bad.num_rows)
         return marker
 

@@ -11,7 +11,7 @@ embedding and the encoding of "" as the text of both halves of guidance, exactly
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import pyarrow as pa
 
@@ -22,7 +22,7 @@ from .actors import StageActor
 from .config import ConfigError
 from .image_cells import decode_image, load_images
 from .reader import InputError
-from .schema import Origin, prepare_batch, with_row_problems
+from .schema import prepare_batch, with_row_problems
 from .stages import FIRST_STAGE_OUTPUTS, Batch, Stage, empty_first_stage_outputs, first_stage_outputs
 
 # Input columns that mean something for prompts but would be silently ignored or overwritten for images.
@@ -87,7 +87,6 @@ def prepare_images(
     decoder_guidance_scale: float,
     image_column: str,
     storage_options: dict | None = None,
-    duplicates: Mapping[str, Mapping[int, Origin]] | None = None,
 ) -> pa.Table:
     """The prepare step of variations: keys, seeds and per-row decoder guidance as for prompts; each image
     fetched and fully decoded here, so that a missing or undecodable image becomes an error row naming the
@@ -97,7 +96,7 @@ def prepare_images(
     # and the keys, seeds and guidance scales are validated as for prompts. No prior: its scale is 1 (off).
     with_text = table.append_column(C.PROMPT, pa.array([_PLACEHOLDER] * n, pa.string()))
     prepared = prepare_batch(with_text, run_seed=run_seed, prior_guidance_scale=1.0,
-                             decoder_guidance_scale=decoder_guidance_scale, duplicates=duplicates)
+                             decoder_guidance_scale=decoder_guidance_scale)
     prepared = prepared.set_column(prepared.schema.get_field_index(C.PROMPT), C.PROMPT, pa.array([""] * n, pa.string()))
     values = table.column(image_column).to_pylist()
     loaded = load_images(values, storage_options or {})

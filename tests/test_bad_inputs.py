@@ -475,27 +475,3 @@ def test_rerun_with_another_model_is_refused(tmp_path, ray_local, tiny_model):
     assert_usage_error(result, f"error: {out} already holds a run with different settings (model.model: ")
     assert "model.weights.decoder.sha256" in result.output and "--overwrite" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
-
-
-def test_repeats_across_batches_are_found_on_the_driver():
-    """The first row with a key keeps it wherever the repeats are; a batch then marks exactly those rows, as it
-    marks repeats within itself."""
-    from pipeline import columns as C
-    from pipeline.schema import derive_key, find_duplicates, prepare_batch
-
-    ids = [("a.parquet", ["k", "j", None, 7]), ("b.parquet", ["7", "k", "", None, "k"])]
-    duplicates = find_duplicates(ids)
-    assert duplicates == {"b.parquet": {0: ("a.parquet", 3), 1: ("a.parquet", 0), 4: ("a.parquet", 0)}}
-    batch = pa.table({C.PROMPT: ["p"] * 5, C.ID: ["7", "k", "", None, "k"], C.SOURCE: ["b.parquet"] * 5,
-                      C.SOURCE_ROW: pa.array(range(5), pa.int64())})
-    out = prepare_batch(batch, run_seed=0, prior_guidance_scale=4.0, decoder_guidance_scale=8.0,
-                        duplicates=duplicates)
-    assert out.column(C.ERROR).to_pylist() == [
-        "duplicate id '7': row 3 of 'a.parquet' has the same key '7'",
-        "duplicate id 'k': row 0 of 'a.parquet' has the same key 'k'",
-        "id is empty",
-        "",
-        "duplicate id 'k': row 0 of 'a.parquet' has the same key 'k'",
-    ]
-    keys = out.column(C.KEY).to_pylist()
-    assert keys[:3] == [derive_key("b.parquet", i) for i in range(3)] and len(set(keys)) == 5

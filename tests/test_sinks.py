@@ -155,10 +155,18 @@ def test_layout_counts_and_markers(output):
         assert shard_ids_in(files, folder) == sorted(ids)
 
     assert committed_shards(output.url, output.storage_options) == sorted(markers, key=lambda m: m["shard"])
+    places = []
     for marker in markers:
-        assert json.loads(output.read(f"_commits/{marker['shard']}.json")) == marker
+        on_disk = json.loads(output.read(f"_commits/{marker['shard']}.json"))
+        places += on_disk.pop("input_rows")
+        assert on_disk == marker
         assert marker["bytes"] == sum(len(files[f]) for f in marker["files"])
         assert marker["files"][-1].startswith(("metadata/", "errors/"))
+    # Each marker lists the input rows its shard holds; together, every row written, once.
+    rows = sorted((source, row) for source, sample, flat in places for a, b in zip(flat[::2], flat[1::2])
+                  for row in range(a, b))
+    assert rows == sorted((s, r) for b in blocks
+                          for s, r in zip(b.column(C.SOURCE).to_pylist(), b.column(C.SOURCE_ROW).to_pylist()))
 
     good = expected_rows(blocks)
     errors = pa.concat_tables([output.parquet(f"errors/errors_{x}.parquet") for x in ids[:2]])
