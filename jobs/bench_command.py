@@ -198,7 +198,8 @@ def bench_driver_memory_cmd(rows, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def bench_scale_cmd(sizes, work, duplicates, committed, rows_per_shard, as_json) -> None:
     """A resumed run over 10^7 and 10^8 rows with ids, half committed: each step's seconds up to the first prepared
-    batch (plan, resume, duplicate ids), the driver's peak RSS growth and the largest Ray worker's peak RSS."""
+    batch (plan, resume, duplicate ids), the driver's peak RSS growth and each Ray task's peak RSS and private
+    memory."""
     import tempfile
     from pathlib import Path
 

@@ -3,24 +3,27 @@
 The first row with a key (in plan order: files sorted by path, rows in file order) keeps it; every later one is
 an error row naming the first (:func:`pipeline.schema.prepare_batch`), whatever the batching. A read task sees
 its own rows only, and a table of 10^8 ids does not fit one process's set, so the check is a hash partitioning
-in two passes of Ray tasks, as a shuffle is:
+in passes of Ray tasks, as a shuffle is:
 
-1. :func:`hash_part`, per part of about ``PART_ROWS`` consecutive plan rows: read the id column alone, make each
+1. :func:`hash_part`, per part of :func:`task_rows` consecutive plan rows: read the id column alone, make each
    usable id its key (:func:`pipeline.schema.key_from_id`; null and unusable ids get derived keys, which never
    repeat), hash the key to 128 bits (two SipHash-2-4 with keys drawn per run; an integer id is its own value,
    exactly), and split (hash, plan position) by hash into P partitions;
-2. :func:`first_holders`, per partition: sort by (hash, position); in a run of equal hashes, each row after the
-   first repeats the first. The result, (position, first holder's position) sorted by position, stays in the
-   object store.
+2. :func:`first_holders`, per partition of about :func:`task_rows` rows: sort by (hash, position); in a run of
+   equal hashes, each row after the first repeats the first: (position, first holder's position);
+3. :func:`by_position`, per part's rows again: gather the repeats among them from every partition, sorted by
+   position. These stay in the object store, one per part.
 
-A read task looks its rows up in every partition's result (:meth:`DuplicateIndex.lookup`, binary searches in
-zero-copy arrays) and hands each repeat's first holder to prepare in two columns. The driver holds P object
-references and no per-row state. Two keys are taken for one another only if both hashes collide: about
-n^2 / 2^129, 2e-23 at 10^8 rows, and the hash keys are secret, so no input can collide them on purpose.
+A read task looks its rows up in the results of its own parts only (:meth:`DuplicateIndex.lookup`, a binary
+search in zero-copy arrays) and hands each repeat's first holder to prepare in two columns. The driver holds
+object references (parts x P while the passes run, one per part after) and no per-row state. Two keys are taken
+for one another only if both hashes collide: about n^2 / 2^129, 2e-23 at 10^8 rows, and the hash keys are
+secret, so no input can collide them on purpose.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import secrets
@@ -39,8 +42,10 @@ from pipeline.schema import MADE_KEY, SAFE_ID, key_from_id
 
 logger = logging.getLogger(__name__)
 
-PART_ROWS = 1_000_000  # plan rows per hashing task: ~40 MB of ids and hashes
-PARTITION_ROWS = 2_000_000  # rows per partition sorted by one task: ~50 MB, and pieces of ~1 MB in the store
+TASK_ROWS = 1_000_000  # rows per task of either pass: ~24 MB of hashes, ~100 MB of working memory at most
+# A task's return value under 100 KiB (Ray's max_direct_call_object_size) is kept in the memory of the process that
+# called the task, the driver, not in the object store: the pieces a part makes stay above this size.
+MIN_PIECE_ROWS = 8192  # 192 KiB of (hash 1, hash 2, position)
 TASK_CPUS = 0.5  # fits beside stages that hold all but 0.5 CPU (pipeline.run.check_resources)
 _ID_BATCH = 65_536
 
@@ -55,7 +60,14 @@ class Piece:
     stop: int
 
 
-def parts(plan: InputPlan, part_rows: int = PART_ROWS) -> list[list[Piece]]:
+def task_rows(total_rows: int) -> int:
+    """Rows per task of either pass for a plan of ``total_rows``: TASK_ROWS, or past ~10^8 rows (where a part's
+    TASK_ROWS / partitions rows per piece would fall under MIN_PIECE_ROWS) sqrt(total_rows * MIN_PIECE_ROWS),
+    so that a piece keeps MIN_PIECE_ROWS: a task's memory then grows with the square root of the rows."""
+    return max(TASK_ROWS, math.isqrt(total_rows * MIN_PIECE_ROWS) + 1)
+
+
+def parts(plan: InputPlan, part_rows: int = TASK_ROWS) -> list[list[Piece]]:
     """The plan cut, in plan order, into parts of ``part_rows`` rows (a part may span files)."""
     out: list[list[Piece]] = [[]]
     room, offset = part_rows, 0
@@ -99,26 +111,27 @@ def key_hashes(ids: pa.ChunkedArray, hash_keys: tuple[str, str]) -> tuple[np.nda
 
 def hash_part(part: list[Piece], storage_options: dict, partitions: int,
               hash_keys: tuple[str, str]) -> list[np.ndarray]:
-    """Pass 1 for one part: per partition, an (n, 3) uint64 array of (hash 1, hash 2, plan position). A file
-    whose data pages cannot be decoded adds no ids: its read tasks make those rows error rows."""
-    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    """Pass 1 for one part: per partition, an (n, 3) uint64 array of (hash 1, hash 2, plan position), in plan
+    order. The ids are hashed and split a batch at a time as they are decoded, so the task holds its hashes twice
+    (split, then joined) and one batch. From a file with pages that cannot be decoded, the ids before the first
+    such page count; the read tasks make the rows after it error rows."""
+    split: list[list[np.ndarray]] = [[] for _ in range(partitions)]
     for piece in part:
         try:
             with open_input(piece.file, storage_options) as pf:
-                names = pf.schema_arrow.names
-                batches = list(iter_rows(pf, piece.file, piece.start, piece.stop, [C.ID], _ID_BATCH)
-                               if C.ID in names else ())
+                if C.ID not in pf.schema_arrow.names:
+                    continue
+                offset = piece.offset + piece.start
+                for batch in iter_rows(pf, piece.file, piece.start, piece.stop, [C.ID], _ID_BATCH):
+                    rows, h1, h2 = key_hashes(batch.column(C.ID), hash_keys)
+                    table = np.stack([h1, h2, (rows + offset).astype(np.uint64)], axis=1)  # (n, 3)
+                    which = h1 % np.uint64(partitions)
+                    for p in range(partitions):
+                        split[p].append(table[which == p])
+                    offset += batch.num_rows
         except DamagedFile:
             continue
-        offset = piece.offset + piece.start
-        for batch in batches:
-            rows, h1, h2 = key_hashes(batch.column(C.ID), hash_keys)
-            found.append((h1, h2, (rows + offset).astype(np.uint64)))
-            offset += batch.num_rows
-    table = (np.stack([np.concatenate(a) for a in zip(*found)], axis=1) if found
-             else np.zeros((0, 3), np.uint64))  # (n, 3)
-    which = table[:, 0] % np.uint64(partitions)
-    return [table[which == p] for p in range(partitions)]
+    return [np.concatenate(pieces) if pieces else np.zeros((0, 3), np.uint64) for pieces in split]
 
 
 def _hash_part_task(*args: Any) -> list[np.ndarray] | np.ndarray:
@@ -128,33 +141,52 @@ def _hash_part_task(*args: Any) -> list[np.ndarray] | np.ndarray:
 
 def first_holders(*pieces: np.ndarray) -> tuple[np.ndarray, int]:
     """Pass 2 for one partition, given its pieces from every part: ((m, 2) int64 of (position of a repeat,
-    position of the first row with its key), sorted by position; m)."""
-    table = np.concatenate(pieces) if pieces else np.zeros((0, 3), np.uint64)
-    order = np.lexsort((table[:, 2], table[:, 1], table[:, 0]))  # by hash 1, hash 2, position
-    h1, h2, pos = table[order, 0], table[order, 1], table[order, 2].astype(np.int64)
-    same = np.zeros(len(pos), bool)
+    position of the first row with its key), sorted by position; m). Works column by column, so that beside its
+    arguments (in the object store) it holds about four 8-byte values per row."""
+    h1, h2, pos = (np.concatenate([p[:, c] for p in pieces]) if pieces else np.zeros(0, np.uint64)
+                   for c in range(3))
+    order = np.lexsort((pos, h2, h1))  # by hash 1, hash 2, position
+    h1, h2, pos = h1[order], h2[order], pos[order].astype(np.int64)
+    del order
+    same = np.zeros(len(pos), bool)  # the row repeats the key of the row before it
     same[1:] = (h1[1:] == h1[:-1]) & (h2[1:] == h2[:-1])
-    leader = np.maximum.accumulate(np.where(same, 0, np.arange(len(pos))))  # the run's first row, per row
-    repeats = np.stack([pos[same], pos[leader[same]]], axis=1)
+    del h1, h2
+    later, first = np.flatnonzero(same), np.flatnonzero(~same)  # repeats; each run's first row
+    holder = first[np.searchsorted(first, later, side="right") - 1]
+    repeats = np.stack([pos[later], pos[holder]], axis=1)
     return repeats[np.argsort(repeats[:, 0], kind="stable")], len(repeats)
+
+
+def by_position(lo: int, hi: int, *results: np.ndarray) -> np.ndarray:
+    """Pass 3 for plan rows [lo, hi): the repeats there, from every partition's result, sorted by position."""
+    found = [r[slice(*np.searchsorted(r[:, 0], [lo, hi]))] for r in results]
+    hits = np.concatenate(found) if found else np.zeros((0, 2), np.int64)
+    return hits[np.argsort(hits[:, 0], kind="stable")]
 
 
 @dataclass(frozen=True)
 class DuplicateIndex:
-    """Where the repeats of a plan are: P partition results and the plan's files, in the object store."""
+    """Where the repeats of a plan are, in the object store: one sorted (m, 2) array of (position, first holder's
+    position) per bucket of ``bucket_rows`` consecutive plan rows, and the plan's files. A read task gets the
+    index :meth:`restricted` to its own rows, so that it carries and reads only the buckets those rows are in."""
 
-    results: tuple[Any, ...]  # ObjectRef of each partition's (m, 2) array
+    buckets: tuple[Any, ...]  # ObjectRef of buckets first, first + 1, ...
+    bucket_rows: int
     files: Any  # ObjectRef of a table: each planned file's plan offset and source
     repeats: int
+    first: int = 0
+
+    def _span(self, lo: int, hi: int) -> slice:
+        return slice(lo // self.bucket_rows - self.first, -(-hi // self.bucket_rows) - self.first)
+
+    def restricted(self, lo: int, hi: int) -> DuplicateIndex:
+        """The index of plan rows [lo, hi) only."""
+        return dataclasses.replace(self, buckets=self.buckets[self._span(lo, hi)], first=lo // self.bucket_rows)
 
     def lookup(self, lo: int, hi: int) -> tuple[np.ndarray, list[str], np.ndarray]:
         """(plan positions in [lo, hi) that repeat a key, sorted; the source and row of each one's first holder)."""
-        found = []
-        for result in ray.get(list(self.results)):
-            i, j = np.searchsorted(result[:, 0], [lo, hi])
-            found.append(result[i:j])
-        hits = np.concatenate(found) if found else np.zeros((0, 2), np.int64)
-        hits = hits[np.argsort(hits[:, 0], kind="stable")]
+        hits = np.concatenate([np.zeros((0, 2), np.int64), *ray.get(list(self.buckets[self._span(lo, hi)]))])
+        hits = hits[slice(*np.searchsorted(hits[:, 0], [lo, hi]))]
         files = ray.get(self.files)
         offsets = files.column("offset").to_numpy()
         which = np.searchsorted(offsets, hits[:, 1], side="right") - 1
@@ -162,11 +194,14 @@ class DuplicateIndex:
         return hits[:, 0], sources, hits[:, 1] - offsets[which]
 
 
-def find_duplicates(plan: InputPlan, part_rows: int = PART_ROWS,
-                    partition_rows: int = PARTITION_ROWS) -> DuplicateIndex | None:
-    """Run both passes over ``plan`` on the cluster and wait for them; None when the input has no id column."""
+def find_duplicates(plan: InputPlan, part_rows: int | None = None,
+                    partition_rows: int | None = None) -> DuplicateIndex | None:
+    """Run the passes over ``plan`` on the cluster and wait for them; None when the input has no id column.
+    ``part_rows`` and ``partition_rows`` default to :func:`task_rows`."""
     if C.ID not in plan.schema.names:
         return None
+    part_rows = part_rows or task_rows(plan.total_rows)
+    partition_rows = partition_rows or task_rows(plan.total_rows)
     partitions = max(1, math.ceil(plan.total_rows / partition_rows))
     hash_keys = (secrets.token_hex(8), secrets.token_hex(8))  # 16 characters each, as SipHash takes
     hashing = ray.remote(_hash_part_task).options(num_returns=partitions, num_cpus=TASK_CPUS)
@@ -175,8 +210,12 @@ def find_duplicates(plan: InputPlan, part_rows: int = PART_ROWS,
     sorting = ray.remote(first_holders).options(num_returns=2, num_cpus=TASK_CPUS)
     results, counts = zip(*(sorting.remote(*(part[p] for part in pieces)) for p in range(partitions)))
     del pieces  # the hashes are freed once every partition is sorted
+    regrouping = ray.remote(by_position).options(num_cpus=TASK_CPUS)
+    buckets = [regrouping.remote(lo, lo + part_rows, *results) for lo in range(0, plan.total_rows, part_rows)]
     repeats = sum(ray.get(list(counts)))  # waits, and raises a task's storage error here
+    ray.wait(buckets, num_returns=len(buckets), fetch_local=False)
+    del results
     offsets = np.cumsum([0] + [f.num_rows for f in plan.files[:-1]])
     files = ray.put(pa.table({"offset": pa.array(offsets, pa.int64()), "source": [f.source for f in plan.files]}))
     logger.info("duplicate ids: %d of %d rows repeat an earlier row's key", repeats, plan.total_rows)
-    return DuplicateIndex(tuple(results), files, repeats)
+    return DuplicateIndex(tuple(buckets), part_rows, files, repeats)

@@ -240,8 +240,10 @@ class PromptTableDatasource(Datasource):
             input_files=list(dict.fromkeys(r.file.url for r in ranges)),
         )
         schema = _read_schema(self._plan.schema, self._duplicates is not None, self._images)
+        duplicates = self._duplicates and self._duplicates.restricted(ranges[0].offset + ranges[0].start,
+                                                                      ranges[-1].offset + ranges[-1].stop)
         return ReadTask(
-            _range_reader(ranges, self._plan, self._images, self._duplicates),
+            _range_reader(ranges, self._plan, self._images, duplicates),
             metadata,
             schema=schema,
             per_task_row_limit=per_task_row_limit,
@@ -307,12 +309,12 @@ class DamagedFile(Exception):
 def _range_reader(ranges: list[ReadRange], plan: InputPlan, images_per_prompt: int,
                   duplicates: DuplicateIndex | None) -> Callable[[], Iterator[pa.Table]]:
     """The read function of one task. It closes over its own rows, not the whole plan, so it pickles small."""
-    schema, step = plan.schema, plan.rows_per_task
+    schema, step, storage_options = plan.schema, plan.rows_per_task, plan.storage_options
 
     def read() -> Iterator[pa.Table]:
         for r in ranges:
             repeats = None if duplicates is None else duplicates.lookup(r.offset + r.start, r.offset + r.stop)
-            for start, n, table, reason in _read_range(r, schema, plan.storage_options, step):
+            for start, n, table, reason in _read_range(r, schema, storage_options, step):
                 block = _block(r.file, start, n, table, schema, reason)
                 if repeats is not None:
                     block = _with_first_holders(block, r.offset + start, repeats)

@@ -215,3 +215,25 @@ def test_commit_timeline_separates_start_up_from_the_sustained_rate(tmp_path):
         (commits / f"{name}.json").unlink()
     first, sustained = bench.commit_timeline(tmp_path, started=100.0)
     assert first == pytest.approx(10.0) and sustained != sustained  # one shard: no sustained rate (nan)
+
+
+def test_scale_bench_resumes_past_the_committed_rows_and_counts_every_repeat(tmp_path, monkeypatch):
+    """The bench at a small size: the built OUTPUT is half committed (less the shards in flight), the resumed run
+    finds exactly the input's repeated ids, and its first batch holds rows still to make."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from jobs.bench import scale
+
+    monkeypatch.setattr(scale, "FILE_ROWS", 4000)  # several input files
+    result = scale.bench_scale(tmp_path, sizes=(20_000,), rows_per_shard=100)
+    (size,) = result["sizes"]
+    ids = pq.read_table(tmp_path / "rows-20000" / "input", columns=["id"]).column("id")
+    assert len(list((tmp_path / "rows-20000" / "input").iterdir())) == 5
+    assert size["repeats"] == len(ids) - len(pc.unique(ids)) > 0
+    assert size["committed"] == 99 * 100  # 100 shards of 100 rows, every hundredth in flight
+    assert size["first_batch_rows"] > 0 and set(size["seconds"]) == {"ray", "plan", "resume", "duplicates",
+                                                                     "first_batch"}
+    assert size["workers_mb"] and all(rss >= private > 0 for rss, private in size["workers_mb"].values())
+    figures = {figure for _, figure, _ in result.report_rows()}
+    assert {"0.02M rows: resume s (per 1M rows)", "0.02M rows: driver peak RSS growth MB"} <= figures
