@@ -14,16 +14,15 @@ in passes of Ray tasks, as a shuffle is:
 3. :func:`by_position`, per part's rows again: gather the repeats among them from every partition, sorted by
    position. These stay in the object store, one per part.
 
-A read task looks its rows up in the results of its own parts only (:meth:`DuplicateIndex.lookup`, a binary
-search in zero-copy arrays) and hands each repeat's first holder to prepare in two columns. The driver holds
-object references (parts x P while the passes run, one per part after) and no per-row state. Two keys are taken
-for one another only if both hashes collide: about n^2 / 2^129, 2e-23 at 10^8 rows, and the hash keys are
-secret, so no input can collide them on purpose.
+A read task looks its rows up in the results of its own parts only
+(:meth:`pipeline.repeats.DuplicateIndex.lookup`, a binary search in zero-copy arrays) and hands each repeat's
+first holder to prepare in two columns. The driver holds object references (parts x P while the passes run, one
+per part after) and no per-row state. Two keys are taken for one another only if both hashes collide: about
+n^2 / 2^129, 2e-23 at 10^8 rows, and the hash keys are secret, so no input can collide them on purpose.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import secrets
@@ -38,6 +37,7 @@ import ray
 
 from pipeline import columns as C
 from pipeline.reader import DamagedFile, InputFile, InputPlan, iter_rows, open_input
+from pipeline.repeats import DuplicateIndex
 from pipeline.schema import MADE_KEY, SAFE_ID, key_from_id
 
 logger = logging.getLogger(__name__)
@@ -162,36 +162,6 @@ def by_position(lo: int, hi: int, *results: np.ndarray) -> np.ndarray:
     found = [r[slice(*np.searchsorted(r[:, 0], [lo, hi]))] for r in results]
     hits = np.concatenate(found) if found else np.zeros((0, 2), np.int64)
     return hits[np.argsort(hits[:, 0], kind="stable")]
-
-
-@dataclass(frozen=True)
-class DuplicateIndex:
-    """Where the repeats of a plan are, in the object store: one sorted (m, 2) array of (position, first holder's
-    position) per bucket of ``bucket_rows`` consecutive plan rows, and the plan's files. A read task gets the
-    index :meth:`restricted` to its own rows, so that it carries and reads only the buckets those rows are in."""
-
-    buckets: tuple[Any, ...]  # ObjectRef of buckets first, first + 1, ...
-    bucket_rows: int
-    files: Any  # ObjectRef of a table: each planned file's plan offset and source
-    repeats: int
-    first: int = 0
-
-    def _span(self, lo: int, hi: int) -> slice:
-        return slice(lo // self.bucket_rows - self.first, -(-hi // self.bucket_rows) - self.first)
-
-    def restricted(self, lo: int, hi: int) -> DuplicateIndex:
-        """The index of plan rows [lo, hi) only."""
-        return dataclasses.replace(self, buckets=self.buckets[self._span(lo, hi)], first=lo // self.bucket_rows)
-
-    def lookup(self, lo: int, hi: int) -> tuple[np.ndarray, list[str], np.ndarray]:
-        """(plan positions in [lo, hi) that repeat a key, sorted; the source and row of each one's first holder)."""
-        hits = np.concatenate([np.zeros((0, 2), np.int64), *ray.get(list(self.buckets[self._span(lo, hi)]))])
-        hits = hits[slice(*np.searchsorted(hits[:, 0], [lo, hi]))]
-        files = ray.get(self.files)
-        offsets = files.column("offset").to_numpy()
-        which = np.searchsorted(offsets, hits[:, 1], side="right") - 1
-        sources = files.column("source").take(pa.array(which)).to_pylist()
-        return hits[:, 0], sources, hits[:, 1] - offsets[which]
 
 
 def find_duplicates(plan: InputPlan, part_rows: int | None = None,

@@ -35,7 +35,7 @@ from pipeline.coverage import Coverage
 from pipeline.redact import display_url, storage_error
 
 if TYPE_CHECKING:
-    from pipeline.duplicates import DuplicateIndex
+    from pipeline.repeats import DuplicateIndex
 
 _MAGIC = b"PAR1"
 # One ranged GET usually covers a prompt table's whole footer; a longer footer costs a second GET.

@@ -19,7 +19,7 @@ from .actors import add_stage
 from .catalog import CARD, SHARD_LIST, write_catalog
 from .config import ConfigError, RunConfig
 from .coverage import Coverage
-from .duplicates import DuplicateIndex, find_duplicates
+from .duplicates import find_duplicates
 from .embedded import EmbeddedModel
 from .encode import ENCODE_CPUS, add_encode
 from .init_images import uses_init_images
@@ -39,6 +39,7 @@ from .progress import report_progress
 from .quiet import quiet_ray_data
 from .reader import InputError, InputPlan, display_url, plan_inputs, read_prompts
 from .redact import storage_error
+from .repeats import DuplicateIndex
 from .schema import prepare_and_skip
 from .scope import Scope, take_rows
 from .scoring import plan_scoring

@@ -303,7 +303,7 @@ def test_node_that_joins_mid_run_gets_actors_of_autoscaling_pools(tmp_path, tiny
     # No --model: the embedded default, which the joining node (a disk of its own) builds in its own cache.
     node_cache = tmp_path / "node-cache"
     # Enough decoder work that the pool is still growing when the node has joined, however fast the start-up.
-    args = [str(table), str(out), "--prior-steps", "2", "--decoder-steps", "40",
+    args = [str(table), str(out), "--prior-steps", "2", "--decoder-steps", "100",
             "--super-res-steps", "2", "--stage-config", str(stages), "--progress-interval", "0"]
     with local_cluster(head_cpus=2) as cluster:
         with generate(args, tmp_path / "run.log", cluster.client_env()) as g:
