@@ -117,9 +117,9 @@ class Coverage:
     def restricted(self, source: str, ranges: Intervals, images_per_prompt: int) -> Coverage:
         """This coverage cut to ``ranges`` of one source: what a read task of those rows needs, and no more."""
         out = {}
+        lo, hi = (int(ranges[0][0]), int(ranges[1][-1])) if len(ranges[0]) else (0, 0)
         for k in range(images_per_prompt):
             starts, stops = self.of(source, k)
-            lo, hi = (int(ranges[0][0]), int(ranges[1][-1])) if len(ranges[0]) else (0, 0)
             keep = (stops > lo) & (starts < hi)
             if keep.any():
                 out[(source, k)] = (starts[keep], stops[keep])

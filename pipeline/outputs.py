@@ -216,11 +216,6 @@ def committed_shards(output_url: str, storage_options: dict[str, Any] | None = N
     return read_markers(*output_filesystem(output_url, storage_options))
 
 
-def committed_keys(output_url: str, storage_options: dict[str, Any] | None = None) -> set[str]:
-    """Keys of every committed row under ``output_url``: see :meth:`CommittedRun.keys`."""
-    return CommittedRun.open(output_url, storage_options).keys()
-
-
 def damaged_sources(output_url: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     """Input files with undecodable data under ``output_url``, named beside the files the plan found unreadable:
     see :meth:`CommittedRun.damaged_sources`."""

@@ -18,7 +18,7 @@ from ray.data.extensions import ArrowTensorArray
 from pipeline import columns as C
 from pipeline import shards, sinks
 from pipeline.encode import encode_images
-from pipeline.outputs import committed_keys, committed_shards
+from pipeline.outputs import CommittedRun, committed_shards
 from pipeline.sinks import KarloDatasink, remove_uncommitted
 
 DIM = 8
@@ -428,10 +428,10 @@ def test_remove_uncommitted_and_committed_keys(output, monkeypatch):
     orphan = set(output.files()) - set(committed["files"]) - {f"_commits/{committed['shard']}.json"}
     assert len(orphan) == (6 if output.storage_options else 7)  # the shard's six files (+ a temporary one)
 
-    assert committed_keys(output.url, output.storage_options) == {f"k{i:05d}" for i in range(6)}
+    assert CommittedRun.open(output.url, output.storage_options).keys() == {f"k{i:05d}" for i in range(6)}
     assert remove_uncommitted(output.url, output.storage_options) == sorted(orphan)
     assert sorted(output.files()) == sorted(committed["files"] + [f"_commits/{committed['shard']}.json"])
-    assert committed_keys(output.url, output.storage_options) == {f"k{i:05d}" for i in range(6)}
+    assert CommittedRun.open(output.url, output.storage_options).keys() == {f"k{i:05d}" for i in range(6)}
     assert remove_uncommitted(output.url, output.storage_options) == []
 
 
@@ -456,7 +456,7 @@ def test_s3_multipart_upload_is_committed_or_aborted(s3_bucket):
 
 def test_empty_output_has_nothing_committed(output):
     assert committed_shards(output.url, output.storage_options) == []
-    assert committed_keys(output.url, output.storage_options) == set()
+    assert CommittedRun.open(output.url, output.storage_options).keys() == set()
     assert remove_uncommitted(output.url, output.storage_options) == []
 
 
@@ -556,7 +556,7 @@ def test_ray_write_datasink(ray_local, tmp_path):
     assert (sink.result.rows, sink.result.errors) == (18, 2)
     markers = committed_shards(str(tmp_path))
     assert sink.result.shards == len(markers) and sink.result.bytes == sum(m["bytes"] for m in markers)
-    assert committed_keys(str(tmp_path)) == {f"r{i:03d}" for i in range(20)}
+    assert CommittedRun.open(str(tmp_path)).keys() == {f"r{i:03d}" for i in range(20)}
     metadata_files = [f for m in markers for f in m["files"] if f.startswith("metadata/")]
     meta = pa.concat_tables([pq.read_table(f"{tmp_path}/{f}") for f in metadata_files])
     assert "style" in meta.column_names and not any(C.is_internal(c) for c in meta.column_names)
