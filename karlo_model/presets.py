@@ -1,8 +1,10 @@
-"""Named configs: ``karlo-v1-alpha`` (the shapes of kakaobrain/karlo-v1-alpha on the hub) and two tiny
-random-weight configs for demos and tests."""
+"""Named configs: ``karlo-v1-alpha`` (the shapes of kakaobrain/karlo-v1-alpha on the hub), ``small`` (the
+embedded default trained on the synthetic world of karlo_model.small) and two tiny random-weight configs for
+tests."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from .config import (
@@ -13,6 +15,7 @@ from .config import (
     UP_CROSS_ATTN,
     UP_RESNET,
     ConfigError,
+    ImageProcessorConfig,
     KarloConfig,
     PriorConfig,
     TextProjConfig,
@@ -102,7 +105,47 @@ def _tiny_alt() -> KarloConfig:
     )
 
 
-PRESETS = {"karlo-v1-alpha": _karlo_v1_alpha, "tiny": _tiny, "tiny-alt": _tiny_alt}
+# The small model's CLIP vision tower (transformers' CLIPVisionConfig): 8 px patches of a 64 px input, the
+# resolution at which the synthetic world's shapes are still told apart.
+SMALL_VISION: dict[str, Any] = {
+    "architectures": ["CLIPVisionModelWithProjection"],
+    "model_type": "clip_vision_model",
+    "hidden_act": "quick_gelu",
+    "hidden_size": 64,
+    "image_size": 64,
+    "intermediate_size": 128,
+    "layer_norm_eps": 1e-5,
+    "num_attention_heads": 4,
+    "num_channels": 3,
+    "num_hidden_layers": 3,
+    "patch_size": 8,
+    "projection_dim": 64,
+}
+SMALL_IMAGE_PROCESSOR = ImageProcessorConfig(shortest_edge=64, crop_size=(64, 64))
+
+
+def _small() -> KarloConfig:
+    """The trained embedded default (karlo_model.small): 64-wide CLIP on the real vocabulary, 64 -> 256 px, with
+    the decoder's cross-attention on its two coarsest levels and in the middle, as the real decoder has it on
+    every level but the finest."""
+    decoder = dataclasses.replace(
+        _unet(True, (16, 32, 64, 128), sample_size=64, layers_per_block=1, attention_head_dim=32,
+              norm_num_groups=8, cross_attention_dim=64),
+        down_block_types=(DOWN_RESNET,) * 2 + (DOWN_CROSS_ATTN,) * 2,
+        up_block_types=(UP_CROSS_ATTN,) * 2 + (UP_RESNET,) * 2,
+    )
+    sr = dict(layers_per_block=1, norm_num_groups=8)
+    return KarloConfig(
+        text_encoder=_tiny_text(64, 3, 4, 128),
+        prior=PriorConfig(num_attention_heads=4, attention_head_dim=32, num_layers=4, embedding_dim=64),
+        text_proj=TextProjConfig(clip_embeddings_dim=64, cross_attention_dim=64, time_embed_dim=64),
+        decoder=decoder,
+        super_res_first=_unet(False, (16, 32, 64), sample_size=256, **sr),
+        super_res_last=_unet(False, (16, 32, 64), sample_size=None, **sr),
+    )
+
+
+PRESETS = {"karlo-v1-alpha": _karlo_v1_alpha, "small": _small, "tiny": _tiny, "tiny-alt": _tiny_alt}
 
 
 def preset(name: str) -> KarloConfig:

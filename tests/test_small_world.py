@@ -1,0 +1,109 @@
+"""The synthetic world of the small model: scenes, captions, held-out combinations, the judge that reads images
+back against the renderer's ground truth, and the training recipe at smoke scale."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from karlo_model import preset
+from karlo_model.presets import SMALL_IMAGE_PROCESSOR, SMALL_VISION
+from karlo_model.scheduler import UnCLIPSchedule
+from karlo_model.small import judge, world
+from karlo_model.small.diffusion import noised, variational_bound
+
+
+def test_caption_grammar_names_what_is_kept():
+    scene = world.Scene("yellow", "star", "dark blue", "small", 2, ((0.3, 0.3), (0.7, 0.7)), 0.1)
+    assert scene.caption() == "two small yellow stars on a dark blue background"
+    assert scene.caption(frozenset({"colour"})) == "yellow shapes"
+    assert scene.caption(frozenset({"count", "shape"})) == "two stars"
+    single = world.Scene("red", "circle", "white", "large", 1, ((0.5, 0.5),), 0.16)
+    assert single.caption() == "a large red circle on a white background"
+
+
+def test_held_out_triples_leave_every_pair_in_training():
+    assert len(world.HELD_OUT) == 16
+    training = {(c, s, b) for c in world.COLOUR_NAMES for s in world.SHAPES for b in world.BACKGROUND_NAMES
+                } - world.HELD_OUT
+    for held in world.HELD_OUT:
+        for i, j in itertools.combinations(range(3), 2):
+            assert any(t[i] == held[i] and t[j] == held[j] for t in training), (held, i, j)
+    rng = np.random.default_rng(0)
+    assert all(world.sample_scene(rng).triple not in world.HELD_OUT for _ in range(500))
+    assert {s.triple for s in world.evaluation_scenes(100)} == world.HELD_OUT
+
+
+def test_scenes_place_shapes_apart_and_inside():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        scene = world.sample_scene(rng, size="large", count=3)
+        r = scene.radius
+        assert all(1.25 * r - 1e-9 <= v <= 1 - 1.25 * r + 1e-9 for c in scene.centres for v in c)
+        assert all(math.dist(a, b) > 2.5 * r for a, b in itertools.combinations(scene.centres, 2))
+
+
+def test_judge_reads_the_renderer_ground_truth():
+    rng = np.random.default_rng(2)
+    scenes = [world.sample_scene(rng) for _ in range(60)] + world.evaluation_scenes(20)
+    for scene in scenes:
+        reading = judge.read(world.render(scene))
+        assert (reading.colour, reading.shape, reading.background, reading.regions) == (
+            scene.colour, scene.shape, scene.background, scene.count), scene
+        assert reading.colour_fractions[scene.colour] == max(reading.colour_fractions.values())
+
+
+def test_judge_finds_nothing_on_a_plain_background():
+    image = np.full((256, 256, 3), world.BACKGROUNDS["gray"], dtype=np.uint8)
+    reading = judge.read(image)
+    assert (reading.background, reading.colour, reading.shape, reading.regions) == ("gray", None, None, 0)
+
+
+def test_variational_bound_is_zero_only_at_the_true_posterior():
+    schedule = UnCLIPSchedule(preset("small").decoder_scheduler)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 8, 8, generator=gen) * 2 - 1
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.tensor([0, 10, 500, 999])
+    x_t = noised(schedule, x0, t, noise)
+    # The true noise and v = -1 (the clipped posterior variance) is the posterior itself.
+    exact = variational_bound(schedule, noise, -torch.ones_like(x0), x_t, x0, t)
+    assert abs(float(exact)) < 1e-4
+    assert float(variational_bound(schedule, noise, torch.ones_like(x0), x_t, x0, t)) > 1e-3
+    assert float(variational_bound(schedule, noise + 0.5, -torch.ones_like(x0), x_t, x0, t)) > 1e-3
+
+
+def test_every_component_trains_at_smoke_scale():
+    from karlo_model.repo import clip_tokenizer
+    from karlo_model.small import train
+
+    torch.manual_seed(0)
+    cfg, budget, logged = preset("small"), train.Budget.smoke(), []
+    corpus = train.make_corpus(budget.scenes, np.random.default_rng(0))
+    assert corpus.images.shape == (budget.scenes, 3, 64, 64) and corpus.images.dtype == torch.uint8
+    captions = train.Captions(clip_tokenizer())
+    text, vision, record = train.train_clip(cfg, SMALL_VISION, SMALL_IMAGE_PROCESSOR, corpus, captions, budget, 0,
+                                            logged.append)
+    embeds = train.image_embeddings(vision, SMALL_IMAGE_PROCESSOR, corpus.images)
+    assert embeds.shape == (budget.scenes, 64) and math.isfinite(record["final_loss"])
+    prior, record = train.train_prior(cfg, corpus, embeds, text, captions, budget, 0, logged.append)
+    assert torch.allclose(prior.clip_mean, embeds.mean(0, keepdim=True)) and math.isfinite(record["final_loss"])
+    text_proj, decoder, record = train.train_decoder(cfg, corpus, embeds, text, captions, budget, 0, logged.append)
+    assert float(text_proj.learned_classifier_free_guidance_embeddings.abs().sum()) > 0  # trained from zeros
+    first, last, record = train.train_super_res(cfg, budget, 0, logged.append)
+    assert all(math.isfinite(r["final_loss"]) for r in record.values())
+    assert any(not torch.equal(a, b) for a, b in zip(first.parameters(), last.parameters()))
+    assert any(line.startswith("super_res_last") for line in logged)
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_super_res_batch_pairs_crops_of_one_scene(size):
+    from karlo_model.small import train
+
+    target, low = train.super_res_batch(np.random.default_rng(0), torch.Generator().manual_seed(0), 3, 32, size)
+    assert target.shape == low.shape == (3, 3, 32, 32)
+    assert float((target - low).abs().mean()) < 0.25  # the low-resolution crop is the same place, blurred
