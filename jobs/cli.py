@@ -319,6 +319,22 @@ def make_tiny_model_cmd(out_dir: str, seed: int, preset_name: str, variations: b
     click.echo(f"wrote a random-weight {preset_name}{kind} Karlo model to {path}")
 
 
+@main.command("train-small")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--smoke", is_flag=True, help="A few steps of every stage (about a minute): proves the recipe; the "
+              "model it writes draws nothing recognisable.")
+def train_small_cmd(out_dir: str, seed: int, smoke: bool) -> None:
+    """Train the small Karlo from scratch on the synthetic shapes world (karlo_model.small; sized for about 55
+    minutes on 2 CPU cores) and write it to OUT_DIR as a diffusers-format repo with its training record."""
+    from karlo_model.small.recipe import RECORD, train_small_model
+    from karlo_model.small.train import Budget
+
+    log = lambda line: click.echo(line, err=True)  # noqa: E731
+    path = train_small_model(out_dir, seed=seed, budget=Budget.smoke() if smoke else Budget(), log=log)
+    click.echo(f"wrote the small Karlo model to {path} (record: {path / RECORD})")
+
+
 from jobs.bench_command import bench  # noqa: E402 - commands defined in their own modules
 from jobs.convert import convert_original_cmd  # noqa: E402
 from jobs.k8s import launch_rayjob_cmd, render_k8s_cmd  # noqa: E402

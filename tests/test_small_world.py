@@ -107,3 +107,31 @@ def test_super_res_batch_pairs_crops_of_one_scene(size):
     target, low = train.super_res_batch(np.random.default_rng(0), torch.Generator().manual_seed(0), 3, 32, size)
     assert target.shape == low.shape == (3, 3, 32, 32)
     assert float((target - low).abs().mean()) < 0.25  # the low-resolution crop is the same place, blurred
+
+
+def test_train_small_command_writes_a_loadable_repo_and_its_record(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+    from karlo_model import Karlo
+    from karlo_model.small.recipe import variations_layout
+    from karlo_model.weights import file_digest
+
+    out = tmp_path / "small"
+    result = CliRunner().invoke(main, ["train-small", str(out), "--seed", "3", "--smoke"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "training.json").read_text())
+    assert record["seed"] == 3 and set(record["stages"]) == {"clip", "prior", "decoder", "super_res"}
+    measures = record["evaluation"]
+    assert measures["scenes"] == 4 and all(0 <= measures[k] <= 1 for k in (
+        "colour_right", "shape_right", "background_right", "clip_top1_of_10"))
+    assert record["sha256"] == {p: file_digest(out / p) for p in record["sha256"]} and len(record["sha256"]) == 7
+    model = Karlo.from_pretrained(out)
+    assert model.config.decoder == preset("small").decoder and model.decoder.conv_in.weight.dtype == torch.float32
+    images = model.generate(["a red circle"], [0], prior_steps=2, decoder_steps=2, super_res_steps=2).images
+    assert images.shape == (1, 256, 256, 3)
+    siblings = Karlo.from_pretrained(variations_layout(out, tmp_path / "variations"))
+    assert siblings.prior is None
+    assert siblings.variations([images[0]], [0], decoder_steps=2, super_res_steps=2).images.shape == (1, 256, 256, 3)

@@ -53,12 +53,15 @@ class Budget:
     super_res_crop: int = 64  # the upsamplers see crops of a quarter of the output side, as unCLIP's did
     super_res_last_steps: int = 150
     super_res_last_timesteps: int = 100  # super_res_last is tuned on t < this; the sampler's last step is t = 0
+    evaluation_scenes: int = 100  # held-out captions the written model is judged on (karlo_model.small.evaluate)
+    evaluation_steps: tuple[int, int, int] = (25, 25, 7)  # prior, decoder, super-res: the pipeline's defaults
 
     @classmethod
     def smoke(cls) -> "Budget":
         """A few steps of everything: proves the recipe end to end in about a minute."""
         return cls(scenes=256, clip_steps=20, clip_batch=32, prior_steps=20, prior_batch=32, decoder_steps=10,
-                   decoder_batch=8, super_res_steps=6, super_res_batch=4, super_res_last_steps=3)
+                   decoder_batch=8, super_res_steps=6, super_res_batch=4, super_res_last_steps=3,
+                   evaluation_scenes=4, evaluation_steps=(2, 2, 2))
 
 
 @dataclass
