@@ -135,3 +135,16 @@ def test_train_small_command_writes_a_loadable_repo_and_its_record(tmp_path):
     siblings = Karlo.from_pretrained(variations_layout(out, tmp_path / "variations"))
     assert siblings.prior is None
     assert siblings.variations([images[0]], [0], decoder_steps=2, super_res_steps=2).images.shape == (1, 256, 256, 3)
+
+
+def test_judge_reads_renders_at_the_decoders_resolution():
+    """A 64 px render upsampled as the sampler upsamples it (the sharpness a good decoder with a weak upsampler
+    gives) still reads right: the judge measures the scene, not the sharpness."""
+    from karlo_model.sampling import to_uint8, upsample
+    from karlo_model.small import train
+
+    scenes = world.evaluation_scenes(20, seed=9)
+    low = torch.from_numpy(np.stack([train.downscaled(world.render(s)) for s in scenes])).permute(0, 3, 1, 2)
+    for scene, image in zip(scenes, to_uint8(upsample(train.to_signed(low), 256)).numpy()):
+        reading = judge.read(image)
+        assert (reading.colour, reading.shape, reading.background) == scene.triple, scene
