@@ -1,5 +1,5 @@
 """Named configs: ``karlo-v1-alpha`` (the shapes of kakaobrain/karlo-v1-alpha on the hub), ``small`` (the
-embedded default trained on the synthetic world of karlo_model.small) and two tiny random-weight configs for
+shapes of the model that karlo_model.small trains on its synthetic world) and two tiny random-weight configs for
 tests."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .clip_vision import tiny_vision_config
 from .config import (
     DOWN_CROSS_ATTN,
     DOWN_RESNET,
@@ -108,24 +109,17 @@ def _tiny_alt() -> KarloConfig:
 # The small model's CLIP vision tower (transformers' CLIPVisionConfig): 8 px patches of a 64 px input, the
 # resolution at which the synthetic world's shapes are still told apart.
 SMALL_VISION: dict[str, Any] = {
-    "architectures": ["CLIPVisionModelWithProjection"],
-    "model_type": "clip_vision_model",
-    "hidden_act": "quick_gelu",
+    **tiny_vision_config(64, image_size=64),
     "hidden_size": 64,
-    "image_size": 64,
     "intermediate_size": 128,
-    "layer_norm_eps": 1e-5,
-    "num_attention_heads": 4,
-    "num_channels": 3,
     "num_hidden_layers": 3,
     "patch_size": 8,
-    "projection_dim": 64,
 }
 SMALL_IMAGE_PROCESSOR = ImageProcessorConfig(shortest_edge=64, crop_size=(64, 64))
 
 
 def _small() -> KarloConfig:
-    """The trained embedded default (karlo_model.small): 64-wide CLIP on the real vocabulary, 64 -> 256 px, with
+    """The model karlo_model.small trains: 64-wide CLIP on the real vocabulary, 64 -> 256 px, with
     the decoder's cross-attention on its two coarsest levels and in the middle, as the real decoder has it on
     every level but the finest."""
     decoder = dataclasses.replace(

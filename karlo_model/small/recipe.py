@@ -57,7 +57,7 @@ def train_small_model(out_dir: str | Path, *, seed: int = 0, budget: train.Budge
     shutil.rmtree(out, ignore_errors=True)
     _write_repo(out, config, modules)
     record = {
-        "command": f"karlo train-small {out.name} --seed {seed}",
+        "command": f"karlo train-small {out} --seed {seed}" + (" --smoke" if budget == train.Budget.smoke() else ""),
         "seed": seed,
         "preset": PRESET,
         "budget": dataclasses.asdict(budget),
