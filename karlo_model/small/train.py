@@ -342,6 +342,12 @@ def super_res_batch(rng: np.random.Generator, gen: torch.Generator, batch: int, 
     return target[window], low[window]
 
 
+def predicted_x0(schedule: UnCLIPSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) x0 implied by a noise prediction, clipped to the image range as the sampler clips it."""
+    alpha_bar = schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    return ((x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()).clamp(-1, 1)
+
+
 def train_super_res(config: KarloConfig, budget: Budget, seed: int, log: Log) -> tuple[UNet, UNet, dict]:
     """super_res_first mostly on the timesteps the sampler visits, then a copy of it tuned on the last ones as
     super_res_last."""
@@ -368,9 +374,10 @@ def train_super_res(config: KarloConfig, budget: Budget, seed: int, log: Log) ->
             target, low = super_res_batch(rng, gen, budget.super_res_batch, budget.super_res_crop, size)
             t = draw(len(target))
             noise = torch.randn(target.shape, generator=gen)
+            x_t = noised(schedule, target, t, noise)
             with mixed_precision():
-                eps = net(torch.cat([noised(schedule, target, t, noise), low], dim=1), t)
-            return F.mse_loss(eps.float(), noise)
+                eps = net(torch.cat([x_t, low], dim=1), t).float()
+            return F.mse_loss(eps, noise) + F.mse_loss(predicted_x0(schedule, x_t, eps, t), target)
         return loss_fn
 
     first = build_module(config, "super_res_first").train()
