@@ -28,6 +28,13 @@ def noised(schedule: UnCLIPSchedule, x0: torch.Tensor, t: torch.Tensor, noise: t
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
+def predicted_x0(schedule: UnCLIPSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x0 implied by a noise prediction, sqrt(1/a_t) x_t - sqrt(1/a_t - 1) eps, as the sampler computes it (from
+    float64 tables); unclipped."""
+    ac = schedule.alphas_cumprod.to(torch.float64)
+    return _per_row((1 / ac).sqrt(), t, x_t) * x_t - _per_row((1 / ac - 1).sqrt(), t, x_t) * eps
+
+
 def variational_bound(
     schedule: UnCLIPSchedule,
     eps: torch.Tensor,  # (B, C, H, W) predicted noise, detached: the bound trains only the variance
@@ -52,8 +59,7 @@ def variational_bound(
     def at(table: torch.Tensor) -> torch.Tensor:
         return _per_row(table, t, x_t)
 
-    predicted_x0 = at((1 / ac).sqrt()) * x_t - at((1 / ac - 1).sqrt()) * eps
-    model_mean = at(coef_x0) * predicted_x0 + at(coef_xt) * x_t
+    model_mean = at(coef_x0) * predicted_x0(schedule, x_t, eps, t) + at(coef_xt) * x_t
     true_mean = at(coef_x0) * x0 + at(coef_xt) * x_t
     frac = (variance + 1) / 2
     model_log_var = frac * at(torch.log(betas)) + (1 - frac) * at(log_var_clipped)
