@@ -181,12 +181,13 @@ def _run_command(input_url, output_url, model, stage_config, device, dtype, prog
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     if model is None:
-        click.echo(
-            "Using the embedded tiny model with RANDOM weights: the images will be noise. "
-            f"Point --model at a diffusers-format Karlo repo (e.g. a local copy of {repo}, or "
-            f"s3://bucket/models/{repo.split('/')[-1]}) for real images.",
-            err=True,
-        )
+        from pipeline.embedded import notice
+
+        try:
+            click.echo(f"{notice()} Point --model at a diffusers-format Karlo repo (e.g. a local copy of {repo}, or "
+                       f"s3://bucket/models/{repo.split('/')[-1]}) for real images.", err=True)
+        except ConfigError as e:
+            raise click.UsageError(str(e)) from None
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
         if dry:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv (once) and run a project task in it.
-#   bash scripts/dev.sh demo   generate images for examples/prompts.parquet into out/demo with the tiny model
+#   bash scripts/dev.sh demo   generate images for examples/prompts.parquet into out/demo with the embedded model
 #   bash scripts/dev.sh test   run the test suite
 #   bash scripts/dev.sh lint   ruff: lint rules and import order (pyproject.toml)
 set -euo pipefail

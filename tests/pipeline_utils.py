@@ -51,6 +51,9 @@ def session_environment() -> Iterator[Path]:
     values = {
         "KARLO_CACHE": str(root / "karlo-cache"),
         "HF_HOME": str(root / "hf-home"),
+        # Runs without --model use the random tiny model, whose speed the suite's budget assumes; the trained
+        # default has tests of its own (tests/test_small_behaviour.py).
+        "KARLO_EMBEDDED_MODEL": "tiny-random-v1",
     }
     saved = {name: os.environ.get(name) for name in values}
     os.environ.update(values)

@@ -44,7 +44,7 @@ def test_generate_example_with_the_console_script(tmp_path, tiny_model):
     proc = subprocess.run([str(karlo_bin), "generate", str(EXAMPLE), str(out), *FEW_STEPS], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
-    assert "Using the embedded tiny model with RANDOM weights" in proc.stderr
+    assert "Using the embedded tiny model (tiny-random-v1) with RANDOM weights" in proc.stderr
     assert "--model" in proc.stderr
     assert "rows read        8" in proc.stdout
     assert "images written   8" in proc.stdout and "error rows       0" in proc.stdout

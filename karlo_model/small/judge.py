@@ -39,19 +39,29 @@ def _resized(image: np.ndarray) -> np.ndarray:
     return np.asarray(pil, dtype=np.float32)
 
 
-def read(image: np.ndarray) -> Reading:
-    """(H, W, 3) uint8 RGB -> what it shows."""
-    x = _resized(image)  # (S, S, 3)
+def _split(x: np.ndarray) -> tuple[str, np.ndarray]:
+    """(S, S, 3) float -> (the background's name, (S, S) bool foreground)."""
     border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
     background = np.median(border, axis=0)
     bg_name = list(BACKGROUNDS)[int(np.argmin(np.linalg.norm(_BACKGROUND_PALETTE - background, axis=1)))]
-    foreground = np.linalg.norm(x - background, axis=-1) > FOREGROUND_DISTANCE  # (S, S)
+    return bg_name, np.linalg.norm(x - background, axis=-1) > FOREGROUND_DISTANCE
+
+
+def foreground(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (JUDGE_SIZE, JUDGE_SIZE) bool: where the shapes are (the layout)."""
+    return _split(_resized(image))[1]
+
+
+def read(image: np.ndarray) -> Reading:
+    """(H, W, 3) uint8 RGB -> what it shows."""
+    x = _resized(image)  # (S, S, 3)
+    bg_name, fg = _split(x)  # fg: (S, S) bool
     nearest = np.argmin(np.linalg.norm(x[..., None, :] - _PALETTE, axis=-1), axis=-1)  # (S, S)
-    counts = np.bincount(nearest[foreground], minlength=len(_PALETTE))
-    fractions = {name: float(c) / foreground.size for name, c in zip(COLOURS, counts)}
-    colour = list(COLOURS)[int(np.argmax(counts))] if counts.sum() >= MIN_REGION * foreground.size else None
+    counts = np.bincount(nearest[fg], minlength=len(_PALETTE))
+    fractions = {name: float(c) / fg.size for name, c in zip(COLOURS, counts)}
+    colour = list(COLOURS)[int(np.argmax(counts))] if counts.sum() >= MIN_REGION * fg.size else None
     votes = dict.fromkeys(SHAPES, 0.0)
-    labels = label_regions(foreground)
+    labels = label_regions(fg)
     n_regions = 0
     for region in range(1, int(labels.max()) + 1):
         mask = labels == region

@@ -38,15 +38,15 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Budget:
-    """How much of everything. The defaults train in about 50 minutes on 2 CPU cores, from per-step times
-    measured there at these batch sizes (CLIP 0.31 s, prior 0.31 s, decoder 0.99 s, super-res 0.62 s)."""
+    """How much of everything. The defaults train in about 51 minutes on 2 CPU cores, from per-step times
+    measured there at these batch sizes (CLIP 0.31 s, prior 0.34 s, decoder 1.03 s, super-res 0.6 s)."""
 
     scenes: int = 20_000  # training scenes rendered once for CLIP, the prior and the decoder
-    clip_steps: int = 1_000
+    clip_steps: int = 800
     clip_batch: int = 128
-    prior_steps: int = 1_500
+    prior_steps: int = 1_000
     prior_batch: int = 64
-    decoder_steps: int = 1_600
+    decoder_steps: int = 1_800
     decoder_batch: int = 32
     super_res_steps: int = 800
     super_res_batch: int = 24
@@ -290,8 +290,10 @@ def train_prior(config: KarloConfig, corpus: Corpus, embeds: torch.Tensor, text,
 
 def train_decoder(config: KarloConfig, corpus: Corpus, embeds: torch.Tensor, text, captions: Captions,
                   budget: Budget, seed: int, log: Log) -> tuple[TextProjection, UNet, dict[str, float]]:
-    """text_proj + decoder on noise MSE plus the variational bound. As in unCLIP, the image embedding is replaced
-    by the learned unconditional one 10% of the time and the caption dropped to "" 50% of the time."""
+    """text_proj + decoder on noise MSE plus the variational bound plus the MSE of the implied x0 (as the
+    super-res networks are trained, and for the same reason: see train_super_res). As in unCLIP, the image
+    embedding is replaced by the learned unconditional one 10% of the time and the caption dropped to "" 50% of the
+    time."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -318,7 +320,9 @@ def train_decoder(config: KarloConfig, corpus: Corpus, embeds: torch.Tensor, tex
         with mixed_precision():
             out = decoder(x_t, t, context=context, context_mask=mask, class_labels=additive)
         eps, variance = out.float().chunk(2, dim=1)
-        return F.mse_loss(eps, noise) + variational_bound(schedule, eps.detach(), variance, x_t, x0, t)
+        implied = predicted_x0(schedule, x_t, eps, t).clamp(-1, 1)
+        return (F.mse_loss(eps, noise) + variational_bound(schedule, eps.detach(), variance, x_t, x0, t)
+                + F.mse_loss(implied, x0))
 
     record = _train_loop("decoder", budget.decoder_steps, list(both.parameters()), 1e-3, loss_fn, log, ema, both)
     return ema.average["text_proj"], ema.average["decoder"], record
