@@ -1,4 +1,4 @@
-"""Test-only fault injection: make a model stage crash its worker process or raise on chosen rows.
+"""Test-only fault injection: make a model stage crash its worker process, raise or stall on chosen rows.
 
 Off unless the ``KARLO_FAULTS`` environment variable is set, which nobody does outside the fault tests. The
 tests set it for a ``karlo generate`` process, whose local Ray workers inherit it. Its value is a
@@ -7,7 +7,9 @@ comma-separated list of ``stage:key:mode[:times]`` rules:
 - ``stage``: ``prior``, ``decoder`` or ``super_res``;
 - ``key``: the row key that triggers the fault (a batch holding that row fails as a whole);
 - ``mode``: ``crash`` ends the worker process at once with ``os._exit(CRASH_EXIT_CODE)``, as a segfault or the
-  OOM killer would; ``raise`` raises :class:`InjectedFault`, as a bug in the stage would;
+  OOM killer would; ``raise`` raises :class:`InjectedFault`, as a bug in the stage would; ``stall`` sleeps for
+  ``STALL_SECONDS``, as a hung device or a stuck read would (so that a test can act on a run that is surely
+  still going);
 - ``times``: how often the rule fires (default: every time). Counting survives the crashes it causes: each
   firing creates one file in the folder named by ``KARLO_FAULTS_STATE``, which a counted rule requires.
 
@@ -19,13 +21,15 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
 ENV = "KARLO_FAULTS"
 STATE_ENV = "KARLO_FAULTS_STATE"
-MODES = ("crash", "raise")
+MODES = ("crash", "raise", "stall")
 CRASH_EXIT_CODE = 87  # distinctive in worker logs
+STALL_SECONDS = 600.0
 
 
 class InjectedFault(RuntimeError):
@@ -46,7 +50,7 @@ def parse(spec: str) -> tuple[Rule, ...]:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         parts = item.split(":")
         if len(parts) not in (3, 4) or parts[2] not in MODES or not parts[0] or not parts[1]:
-            raise ValueError(f"{ENV}: {item!r} is not stage:key:crash|raise[:times]")
+            raise ValueError(f"{ENV}: {item!r} is not stage:key:{'|'.join(MODES)}[:times]")
         times = None
         if len(parts) == 4:
             if not parts[3].isdigit() or int(parts[3]) < 1:
@@ -71,6 +75,9 @@ def inject(stage: str, keys: Iterable[str]) -> None:
         if rule.stage == stage and rule.key in keys and _take_one(rule):
             if rule.mode == "crash":
                 os._exit(CRASH_EXIT_CODE)
+            if rule.mode == "stall":
+                time.sleep(STALL_SECONDS)
+                return
             raise InjectedFault(f"injected fault in stage {stage} on row {rule.key}")
 
 

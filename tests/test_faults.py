@@ -127,7 +127,9 @@ def test_ctrl_c_says_that_a_rerun_resumes(tmp_path, args):
     import signal
 
     out = tmp_path / "out"
-    with generate(command(args, str(out)), tmp_path / "first.log", karlo_env()) as g:
+    # The last row stalls, so that the run is still going when the signal comes, however fast the rest is.
+    env = karlo_env(KARLO_FAULTS=f"super_res:{IDS[-1]}:stall")
+    with generate(command(args, str(out)), tmp_path / "first.log", env) as g:
         wait_until(lambda: len(markers(out)) >= 1, g, 300, "committed shard")
         g.proc.send_signal(signal.SIGINT)
         rc = g.wait(timeout=120)
@@ -265,8 +267,9 @@ def test_crash_ledger_isolates_then_rejects_a_row_that_keeps_killing_its_worker(
 
 
 def test_fault_rules_parse_and_reject_typos():
-    assert faults.parse("decoder:k1:crash:2, prior:k2:raise") == (
-        faults.Rule("decoder", "k1", "crash", 2), faults.Rule("prior", "k2", "raise", None))
+    assert faults.parse("decoder:k1:crash:2, prior:k2:raise,super_res:k3:stall") == (
+        faults.Rule("decoder", "k1", "crash", 2), faults.Rule("prior", "k2", "raise", None),
+        faults.Rule("super_res", "k3", "stall", None))
     for bad in ["decoder:k1", "decoder:k1:explode", "decoder:k1:raise:0", ":k1:raise", "decoder:k1:raise:x"]:
         with pytest.raises(ValueError, match="KARLO_FAULTS"):
             faults.parse(bad)
