@@ -22,6 +22,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from pipeline import columns as C
+
 # Few steps keep a run of a few rows at seconds of compute on two CPU cores.
 STEPS = dict(prior_steps=3, decoder_steps=3, super_res_steps=2)
 PROMPTS = [
@@ -242,3 +244,11 @@ class Payload:
 
     def __reduce__(self):
         return (_touch_marker, (self.marker,))
+
+
+def score_batch(images: np.ndarray, reference: np.ndarray, errors=None) -> dict[str, np.ndarray]:
+    """A batch as the CLIP score stage receives it: images, their reference embeddings, error columns."""
+    n = len(images)
+    errors = np.array(errors if errors is not None else [""] * n, dtype=object)
+    return {C.KEY: np.array([f"k{i}" for i in range(n)], dtype=object), C.IMAGE: images, C.TEXT_EMB: reference,
+            C.ERROR: errors, C.ERROR_STAGE: np.where(errors == "", "", "prior").astype(object)}

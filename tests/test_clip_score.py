@@ -13,7 +13,7 @@ import pytest
 import torch
 from parity_utils import single_thread  # noqa: F401 (fixture)
 from PIL import Image
-from pipeline_utils import PROMPTS, STEPS, read_output, reference, write_table
+from pipeline_utils import PROMPTS, STEPS, read_output, reference, score_batch, write_table
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from karlo_model import make_tiny_model
@@ -89,13 +89,6 @@ def towers(tmp_path_factory):
             "vision_module": tower}
 
 
-def _batch(images: np.ndarray, reference: np.ndarray, errors=None) -> dict[str, np.ndarray]:
-    n = len(images)
-    errors = np.array(errors if errors is not None else [""] * n, dtype=object)
-    return {C.KEY: np.array([f"k{i}" for i in range(n)], dtype=object), C.IMAGE: images, C.TEXT_EMB: reference,
-            C.ERROR: errors, C.ERROR_STAGE: np.where(errors == "", "", "prior").astype(object)}
-
-
 @pytest.mark.parametrize("layout", ["clip", "vision"])
 def test_score_stage_on_clip_model_folders(towers, layout):
     """A whole CLIPModel (text tower left out) and a bare vision tower, each with the processor it was saved with;
@@ -105,7 +98,7 @@ def test_score_stage_on_clip_model_folders(towers, layout):
     assert stage.tower.layout == {"clip": "CLIPModel", "vision": "CLIPVisionModelWithProjection"}[layout]
     images = RNG.integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
     text = RNG.standard_normal((3, 32)).astype(np.float32)
-    out = stage(_batch(images, text, errors=["", "", "prompt is empty"]))
+    out = stage(score_batch(images, text, errors=["", "", "prompt is empty"]))
 
     processor = CLIPImageProcessor.from_pretrained(folder) if layout == "clip" else CLIPImageProcessor()
     pixels = processor(images=[Image.fromarray(a) for a in images[:2]], return_tensors="pt").pixel_values
@@ -164,7 +157,7 @@ def test_scores_and_filtering_through_the_pipeline(tmp_path, ray_local, tiny_mod
 
     # Expected scores in-process: images as a batch-size-1 actor makes them, scored by the stage as a callable.
     images, _, text_emb = reference(tiny_model, prompts[:6], seeds[:6])
-    scores = ClipScoreStage(tiny_variations_model, reference=C.TEXT_EMB)(_batch(images, text_emb))[C.CLIP_SCORE]
+    scores = ClipScoreStage(tiny_variations_model, reference=C.TEXT_EMB)(score_batch(images, text_emb))[C.CLIP_SCORE]
     ordered = np.sort(scores)
     gap = int(np.argmax(np.diff(ordered[1:-1]))) + 1  # the widest gap between middle scores: no rounding flips a row
     threshold = float((ordered[gap] + ordered[gap + 1]) / 2)

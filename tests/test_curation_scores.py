@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from parity_utils import single_thread  # noqa: F401 (fixture)
-from pipeline_utils import PROMPTS, STEPS, read_output, reference, write_table
+from pipeline_utils import PROMPTS, STEPS, read_output, reference, score_batch, write_table
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -183,10 +183,7 @@ def test_safety_checker_equals_diffusers(towers):
 
 
 def _batch(images: np.ndarray) -> dict[str, np.ndarray]:
-    n = len(images)
-    return {C.KEY: np.array([f"k{i}" for i in range(n)], dtype=object), C.IMAGE: images,
-            C.TEXT_EMB: RNG.standard_normal((n, DIM)).astype(np.float32),
-            C.ERROR: np.array([""] * n, dtype=object), C.ERROR_STAGE: np.array([""] * n, dtype=object)}
+    return score_batch(images, RNG.standard_normal((len(images), DIM)).astype(np.float32))
 
 
 @pytest.mark.parametrize("checker", ["shared", "own"])

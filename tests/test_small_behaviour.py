@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pipeline_utils import read_output, write_table
+from pipeline_utils import read_output, score_batch, write_table
 
 from karlo_model import Karlo
 from karlo_model.small import evaluate, judge, world
@@ -52,7 +52,7 @@ def _adherence(path: str, guidance: float) -> dict[str, float]:
     return evaluate.adherence(_model(path), SCENES, steps=STEPS, decoder_guidance_scale=guidance)
 
 
-def test_the_committed_weights_are_the_recorded_ones_and_met_the_targets():
+def test_the_committed_weights_are_the_recorded_ones_and_meet_the_colour_and_clip_targets():
     record = json.loads((ASSETS / TRAINED / "training.json").read_text())
     for name, digest in record["sha256"].items():
         assert file_digest(ASSETS / TRAINED / name) == digest, name
@@ -148,10 +148,7 @@ def test_min_clip_score_rejects_images_that_do_not_match_their_prompt(tmp_path: 
     assert lowest_match > highest_mismatch + 0.05, score
     # The same scores from the stage as a plain callable: the pipeline scored the images it wrote.
     written = scored.images()
-    n = len(scored.keys)
-    batch = {C.KEY: np.array(scored.keys, dtype=object), C.IMAGE: np.stack([written[k] for k in scored.keys]),
-             C.TEXT_EMB: scored.text_emb, C.ERROR: np.array([""] * n, dtype=object),
-             C.ERROR_STAGE: np.array([""] * n, dtype=object)}
+    batch = score_batch(np.stack([written[k] for k in scored.keys]), scored.text_emb)
     stage_scores = ClipScoreStage(trained_variations, reference=C.TEXT_EMB)(batch)[C.CLIP_SCORE]
     np.testing.assert_allclose(stage_scores, [score[k] for k in scored.keys], atol=5e-3)
 
