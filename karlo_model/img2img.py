@@ -41,7 +41,8 @@ def init_image_tensor(images: Sequence[np.ndarray | None], size: int) -> torch.T
     for i, image in enumerate(images):
         if image is None:
             continue
-        x = torch.as_tensor(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, H, W)
+        # A copy: images decoded by Pillow are often read-only arrays, which torch warns about sharing.
+        x = torch.tensor(image).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, H, W)
         h, w = x.shape[-2:]
         scale = size / min(h, w)
         new = (max(size, round(h * scale)), max(size, round(w * scale)))

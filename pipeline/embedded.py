@@ -1,9 +1,9 @@
 """The embedded default model, built from the package into each machine's cache the first time a process there
 needs it. Two are embedded:
 
-* ``small-shapes-v1`` (the default): the small Karlo trained by ``karlo train-small`` on the synthetic world of
+* ``small-shapes-v2`` (the default): the small Karlo trained by ``karlo train-small`` on the synthetic world of
   karlo_model.small (flat-coloured shapes on plain backgrounds, docs/small-model.md), committed under
-  ``karlo_model/assets/small-shapes-v1`` with its training record;
+  ``karlo_model/assets/small-shapes-v2`` with its training record;
 * ``tiny-random-v1``: a tiny random-weight Karlo built from seed 0, fast enough for arithmetic and parity checks.
 
 ``KARLO_EMBEDDED_MODEL`` picks one in the driver. Either has an image-variations sibling (the same components
@@ -28,7 +28,7 @@ from karlo_model.fetch import built_once
 
 from .config import ConfigError
 
-TRAINED = "small-shapes-v1"
+TRAINED = "small-shapes-v2"
 RANDOM = "tiny-random-v1"
 EMBEDDED = (TRAINED, RANDOM)
 CHOICE_ENV = "KARLO_EMBEDDED_MODEL"

@@ -47,6 +47,24 @@ def test_scenes_place_shapes_apart_and_inside():
         assert all(math.dist(a, b) > 2.5 * r for a, b in itertools.combinations(scene.centres, 2))
 
 
+def test_corpus_groups_shape_siblings_and_clip_batches_hold_them_whole():
+    from karlo_model.small import train
+
+    corpus = train.make_corpus(50, np.random.default_rng(0))
+    assert len(corpus.scenes) == 50 and sorted(i for g in corpus.groups for i in g) == list(range(50))
+    for group in corpus.groups[:-1]:
+        members = [corpus.scenes[i] for i in group]
+        assert len({s.shape for s in members}) == len(members) >= 3  # one held-out triple at most per group
+        assert len({(s.colour, s.background, s.size, s.count, s.centres, s.radius) for s in members}) == 1
+        assert all(s.triple not in world.HELD_OUT for s in members)
+    batch = train.clip_batch(corpus, 16, 0.5, np.random.default_rng(1)).tolist()
+    grouped = batch[:8]
+    owner = {i: k for k, g in enumerate(corpus.groups) for i in g}
+    runs = [list(g) for _, g in itertools.groupby(grouped, key=owner.get)]
+    assert all(run == corpus.groups[owner[run[0]]] for run in runs[:-1])  # whole groups, then the cut-off one
+    assert len(train.clip_batch(corpus, 16, 0.0, np.random.default_rng(1))) == 16
+
+
 def test_judge_reads_the_renderer_ground_truth():
     rng = np.random.default_rng(2)
     scenes = [world.sample_scene(rng) for _ in range(60)] + world.evaluation_scenes(20)

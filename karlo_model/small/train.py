@@ -11,6 +11,7 @@ moving average of their weights, the copy that is saved.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -38,12 +39,14 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Budget:
-    """How much of everything. The defaults train in about 51 minutes on 2 CPU cores, from per-step times
-    measured there at these batch sizes (CLIP 0.31 s, prior 0.34 s, decoder 1.03 s, super-res 0.6 s)."""
+    """How much of everything. The defaults train in 39 to 58 minutes on 2 CPU cores, from per-step times
+    measured on two such machines at these batch sizes (CLIP 0.22-0.31 s, prior 0.27-0.34 s, decoder 0.66-1.03 s,
+    super-res 0.45-0.6 s; docs/benchmarks.md)."""
 
     scenes: int = 20_000  # training scenes rendered once for CLIP, the prior and the decoder
-    clip_steps: int = 800
+    clip_steps: int = 2_000
     clip_batch: int = 128
+    clip_sibling_fraction: float = 0.5  # of each CLIP batch drawn as whole groups of shape siblings (make_corpus)
     prior_steps: int = 1_000
     prior_batch: int = 64
     decoder_steps: int = 1_800
@@ -68,10 +71,12 @@ class Budget:
 
 @dataclass
 class Corpus:
-    """The training scenes and their 64 px renders (the decoder's targets and CLIP's inputs)."""
+    """The training scenes and their 64 px renders (the decoder's targets and CLIP's inputs), in groups of shape
+    siblings: scenes alike in everything (layout included) but the shape, one per shape whose triple is trained."""
 
     scenes: list[world.Scene]
     images: torch.Tensor  # (N, 3, 64, 64) uint8
+    groups: list[list[int]]  # indices into scenes; every scene is in exactly one group
     attributes: torch.Tensor = field(init=False)  # (N, 5) int64 value indices, in world.ATTRIBUTES order
 
     def __post_init__(self) -> None:
@@ -89,9 +94,29 @@ def downscaled(image: np.ndarray, size: int = 64) -> np.ndarray:
 
 
 def make_corpus(n: int, rng: np.random.Generator) -> Corpus:
-    scenes = [world.sample_scene(rng) for _ in range(n)]
+    """``n`` scenes: random training scenes, each with its shape siblings (the last group may be cut short)."""
+    scenes: list[world.Scene] = []
+    groups: list[list[int]] = []
+    while len(scenes) < n:
+        base = world.sample_scene(rng)
+        siblings = [dataclasses.replace(base, shape=shape) for shape in world.SHAPES
+                    if (base.colour, shape, base.background) not in world.HELD_OUT][: n - len(scenes)]
+        groups.append(list(range(len(scenes), len(scenes) + len(siblings))))
+        scenes += siblings
     images = np.stack([downscaled(world.render(s)) for s in scenes])  # (N, 64, 64, 3)
-    return Corpus(scenes, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+    return Corpus(scenes, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), groups)
+
+
+def clip_batch(corpus: Corpus, size: int, sibling_fraction: float, rng: np.random.Generator) -> torch.Tensor:
+    """(size,) scene indices: whole sibling groups for ``sibling_fraction`` of the batch, random scenes for the rest.
+    Random batches of 128 hold few pairs that differ in shape alone, so the contrastive loss barely asks the towers
+    to tell shapes apart; siblings are exactly those pairs (the caption naming the shape is the only match)."""
+    grouped: list[int] = []
+    while len(grouped) < round(size * sibling_fraction):
+        grouped += corpus.groups[rng.integers(len(corpus.groups))]
+    grouped = grouped[: round(size * sibling_fraction)]
+    rest = rng.integers(len(corpus.scenes), size=size - len(grouped)).tolist()
+    return torch.tensor(grouped + rest)
 
 
 def draw_keep(rng: np.random.Generator) -> frozenset[str]:
@@ -222,10 +247,9 @@ def train_clip(config: KarloConfig, vision_config: dict, processor: ImageProcess
     vision = build_vision_encoder(vision_config).train()
     log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     params = [*text.parameters(), *vision.parameters(), log_scale]
-    n = len(corpus.scenes)
 
     def loss_fn(_: int) -> torch.Tensor:
-        idx = torch.from_numpy(rng.integers(n, size=budget.clip_batch))
+        idx = clip_batch(corpus, budget.clip_batch, budget.clip_sibling_fraction, rng)
         keeps = [draw_keep(rng) for _ in range(len(idx))]
         words = [corpus.scenes[i].caption(k) for i, k in zip(idx.tolist(), keeps)]
         kept = torch.tensor([[a in k for a in world.ATTRIBUTES] for k in keeps])  # (B, 5)
@@ -292,8 +316,8 @@ def train_decoder(config: KarloConfig, corpus: Corpus, embeds: torch.Tensor, tex
                   budget: Budget, seed: int, log: Log) -> tuple[TextProjection, UNet, dict[str, float]]:
     """text_proj + decoder on noise MSE plus the variational bound plus the MSE of the implied x0 (as the
     super-res networks are trained, and for the same reason: see train_super_res). As in unCLIP, the image
-    embedding is replaced by the learned unconditional one 10% of the time and the caption dropped to "" 50% of the
-    time."""
+    embedding is replaced by the learned unconditional one 10% of the time; the caption is dropped to "" 30% of the
+    time (unCLIP drops it 50%), so that more of this short training sees the shape named."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -308,7 +332,7 @@ def train_decoder(config: KarloConfig, corpus: Corpus, embeds: torch.Tensor, tex
     def loss_fn(_: int) -> torch.Tensor:
         idx = torch.from_numpy(rng.integers(n, size=budget.decoder_batch))
         b = len(idx)
-        enc = captions.encode(text, _caption_batch(corpus, idx, rng, drop=0.5))
+        enc = captions.encode(text, _caption_batch(corpus, idx, rng, drop=0.3))
         dropped = torch.from_numpy(rng.random(b) < 0.1)[:, None]
         image_embeds = torch.where(dropped, text_proj.unconditional_image_embeds(b, torch.float32), embeds[idx])
         context, additive = text_proj(image_embeds, enc.embeds, enc.hidden)
