@@ -75,12 +75,19 @@ def _name(p: psutil.Process) -> str:
         return ""
 
 
+def _default_sigint() -> None:
+    # A shell without job control starts background commands with SIGINT ignored, and children inherit that: a
+    # suite run in the background would then send Ctrl-C to a process that cannot receive it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def generate(args: list[str], log: Path, env: dict[str, str], options: tuple[str, ...] = ()) -> Iterator[Generate]:
-    """Start ``karlo [OPTIONS] generate ARGS`` in its own session; on exit, kill whatever of it is left."""
+    """Start ``karlo [OPTIONS] generate ARGS`` in its own session, with SIGINT handled as in a terminal's
+    foreground job; on exit, kill whatever of it is left."""
     with open(log, "w") as out:
         proc = subprocess.Popen([KARLO, *options, "generate", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_default_sigint)
     run = Generate(proc, log)
     try:
         yield run
