@@ -82,12 +82,13 @@ def _default_sigint() -> None:
 
 
 @contextlib.contextmanager
-def generate(args: list[str], log: Path, env: dict[str, str], options: tuple[str, ...] = ()) -> Iterator[Generate]:
-    """Start ``karlo [OPTIONS] generate ARGS`` in its own session, with SIGINT handled as in a terminal's
-    foreground job; on exit, kill whatever of it is left."""
+def generate(args: list[str], log: Path, env: dict[str, str], options: tuple[str, ...] = (),
+             interruptible: bool = False) -> Iterator[Generate]:
+    """Start ``karlo [OPTIONS] generate ARGS`` in its own session (``interruptible``: with SIGINT handled as in a
+    terminal's foreground job); on exit, kill whatever of it is left."""
     with open(log, "w") as out:
         proc = subprocess.Popen([KARLO, *options, "generate", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_default_sigint)
+                                start_new_session=True, preexec_fn=_default_sigint if interruptible else None)
     run = Generate(proc, log)
     try:
         yield run

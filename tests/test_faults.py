@@ -129,7 +129,7 @@ def test_ctrl_c_says_that_a_rerun_resumes(tmp_path, args):
     out = tmp_path / "out"
     # The last row stalls, so that the run is still going when the signal comes, however fast the rest is.
     env = karlo_env(KARLO_FAULTS=f"super_res:{IDS[-1]}:stall")
-    with generate(command(args, str(out)), tmp_path / "first.log", env) as g:
+    with generate(command(args, str(out)), tmp_path / "first.log", env, interruptible=True) as g:
         wait_until(lambda: len(markers(out)) >= 1, g, 300, "committed shard")
         g.proc.send_signal(signal.SIGINT)
         rc = g.wait(timeout=120)
