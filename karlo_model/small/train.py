@@ -39,9 +39,9 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Budget:
-    """How much of everything. The defaults train in 39 to 58 minutes on 2 CPU cores, from per-step times
-    measured on two such machines at these batch sizes (CLIP 0.22-0.31 s, prior 0.27-0.34 s, decoder 0.66-1.03 s,
-    super-res 0.45-0.6 s; docs/benchmarks.md)."""
+    """How much of everything. The defaults trained in 39 minutes on 2 CPU cores, and come to about 58 at the
+    per-step times of a slower 2-core machine at these batch sizes (CLIP 0.31 s, prior 0.34 s, decoder 1.03 s,
+    super-res 0.6 s; docs/benchmarks.md)."""
 
     scenes: int = 20_000  # training scenes rendered once for CLIP, the prior and the decoder
     clip_steps: int = 2_000
@@ -111,10 +111,11 @@ def clip_batch(corpus: Corpus, size: int, sibling_fraction: float, rng: np.rando
     """(size,) scene indices: whole sibling groups for ``sibling_fraction`` of the batch, random scenes for the rest.
     Random batches of 128 hold few pairs that differ in shape alone, so the contrastive loss barely asks the towers
     to tell shapes apart; siblings are exactly those pairs (the caption naming the shape is the only match)."""
+    want = round(size * sibling_fraction)
     grouped: list[int] = []
-    while len(grouped) < round(size * sibling_fraction):
+    while len(grouped) < want:
         grouped += corpus.groups[rng.integers(len(corpus.groups))]
-    grouped = grouped[: round(size * sibling_fraction)]
+    grouped = grouped[:want]
     rest = rng.integers(len(corpus.scenes), size=size - len(grouped)).tolist()
     return torch.tensor(grouped + rest)
 
