@@ -294,10 +294,16 @@ def test_node_that_joins_mid_run_gets_actors_of_autoscaling_pools(tmp_path, tiny
     actors (as the manifest records), and every row is still written once."""
     from processes import generate, wait_until
 
-    table = write_table(tmp_path / "prompts.parquet", prompt=(PROMPTS * 4)[:24])
+    # Ray Data grows an actor pool only while its actors have about two tasks each in flight (utilisation >= 1.75),
+    # and a task is one input block. One row per file and per prior batch: 24 one-row blocks reach the decoder, so
+    # its queue stays that deep until the last few rows, whenever the node joins. (Read as one table, the 24 rows
+    # came as 4 blocks: 2 decoders seldom held all 4 at once, and the pool then never grew onto the new node.)
+    table = tmp_path / "prompts"
+    for i, prompt in enumerate((PROMPTS * 4)[:24]):
+        write_table(table / f"part-{i:02d}.parquet", prompt=[prompt])
     stages = tmp_path / "stages.yaml"
     # The head (2 CPUs) holds the prior, super-res and encoder and one or two 0.5-CPU decoders; the pool may grow to 6.
-    stages.write_text("prior: {batch_size: 4, actors: 1}\ndecoder: {batch_size: 1, actors: [1, 6], num_cpus: 0.5}\n"
+    stages.write_text("prior: {batch_size: 1, actors: 1}\ndecoder: {batch_size: 1, actors: [1, 6], num_cpus: 0.5}\n"
                       "super_res: {batch_size: 4, actors: 1}\n")
     out = tmp_path / "out"
     # No --model: the embedded default, which the joining node (a disk of its own) builds in its own cache.
