@@ -118,6 +118,18 @@ def test_every_component_trains_at_smoke_scale():
     assert any(line.startswith("super_res_last") for line in logged)
 
 
+@pytest.mark.parametrize("flags, autocast", [({"avx512_bf16": True}, True), ({"amx_bf16": True}, True),
+                                              ({"avx512_f": True, "avx512_bf16": False}, False)])
+def test_unets_train_in_bfloat16_only_where_the_cpu_computes_it(monkeypatch, flags, autocast):
+    """Emulated bfloat16 is 2.5 times slower than float32 (docs/benchmarks.md): such CPUs train in float32."""
+    from karlo_model.small import train
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
+    with train.mixed_precision():
+        y = torch.nn.functional.linear(torch.ones(2, 4), torch.ones(3, 4))
+    assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+
+
 @pytest.mark.parametrize("size", [64, 256])
 def test_super_res_batch_pairs_crops_of_one_scene(size):
     from karlo_model.small import train

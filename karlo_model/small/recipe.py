@@ -66,6 +66,7 @@ def train_small_model(out_dir: str | Path, *, seed: int = 0, budget: train.Budge
         "evaluation": evaluation(out, budget, log),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "bfloat16_autocast": train.native_bfloat16(),
         "machine": platform.machine(),
         "sha256": {str(p.relative_to(out)): file_digest(p) for p in sorted(out.rglob("*.safetensors"))},
     }

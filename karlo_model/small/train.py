@@ -10,6 +10,7 @@ moving average of their weights, the copy that is saved.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -215,10 +216,20 @@ class Progress:
         return time.monotonic() - self.start
 
 
-def mixed_precision() -> torch.autocast:
-    """bfloat16 autocast for the UNets' forward passes (weights, optimiser and losses stay float32): on CPU it
-    takes the decoder step from 1.46 s to about 1.0 s at batch 32, which is what fits the budget in the hour."""
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+def native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX). Elsewhere oneDNN emulates it."""
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def mixed_precision() -> contextlib.AbstractContextManager:
+    """bfloat16 autocast for the UNets' forward passes (weights, optimiser and losses stay float32) where the CPU
+    computes bfloat16 natively; float32 elsewhere. The decoder step at batch 32 on 2 cores: 1.46 s in float32 and
+    1.03 s in bfloat16 on the machine of the small-shapes-v1 run; 1.09 s in float32 and 2.75 s in bfloat16 on an
+    AVX-512 CPU without BF16 instructions (docs/benchmarks.md)."""
+    if native_bfloat16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _train_loop(name: str, steps: int, params, lr: float, loss_fn: Callable[[int], torch.Tensor], log: Log,
