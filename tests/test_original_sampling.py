@@ -8,7 +8,8 @@ the decoder's and super-res' to [-1, 1], guidance u + s (c - u) with the varianc
 last super-res step by ``model_last_step``). It runs the tiny original-layout networks (tests/original_layout.py)
 and shares nothing with karlo_model's scheduler or sampling code. Same noise on both sides: the starting latents
 are injected and the per-step noise comes from per-row generators with the same seeds (the original also draws a
-noise at its last step and multiplies it by zero; none is drawn here, so both consume the same stream).
+noise at its last step and multiplies it by zero; none is drawn here, so both consume the same stream). It runs in
+float32, the dtype in use, and in float64, where the two sides agree to float64 rounding (see TOLERANCE).
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ class GuidedDiffusion:
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1 / acp - 1)
         self.log_betas = np.log(b)
 
-    def table(self, name: str, i: int) -> torch.Tensor:
-        """_extract_into_tensor: the float64 value cast to float32."""
-        return torch.tensor(getattr(self, name)[i]).float()
+    def table(self, name: str, i: int, dtype: torch.dtype) -> torch.Tensor:
+        """_extract_into_tensor: the float64 value cast to float32. A float64 run keeps float64 (as karlo_model does),
+        so that both sides compute the same equations in float64 and differ by its rounding alone."""
+        return torch.tensor(getattr(self, name)[i], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 def p_sample_loop(model: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], x: torch.Tensor,
@@ -75,26 +77,26 @@ def p_sample_loop(model: Callable[[torch.Tensor, torch.Tensor, int], torch.Tenso
                   clamp: float) -> torch.Tensor:
     """Ancestral sampling from x_T; ``model(x, t, i)`` with t the original timestep and i the chain index."""
     d = GuidedDiffusion(steps)
-    c = x.shape[1]
+    c, dtype = x.shape[1], x.dtype
     for i in reversed(range(steps)):
         t = torch.full((x.shape[0],), d.timestep_map[i])
         out = model(x, t, i)
-        min_log = d.table("posterior_log_variance_clipped", i)
+        min_log = d.table("posterior_log_variance_clipped", i, dtype)
         if learned_range:
             out, v = out[:, :c], out[:, c:]
             frac = (v + 1) / 2
-            log_var = frac * d.table("log_betas", i) + (1 - frac) * min_log
+            log_var = frac * d.table("log_betas", i, dtype) + (1 - frac) * min_log
         else:
             log_var = min_log
         if predicts == "epsilon":
-            x0 = d.table("sqrt_recip_alphas_cumprod", i) * x - d.table("sqrt_recipm1_alphas_cumprod", i) * out
+            x0 = d.table("sqrt_recip_alphas_cumprod", i, dtype) * x - d.table("sqrt_recipm1_alphas_cumprod", i, dtype) * out
         else:
             x0 = out
         x0 = x0.clamp(-clamp, clamp)
-        mean = d.table("posterior_mean_coef1", i) * x0 + d.table("posterior_mean_coef2", i) * x
+        mean = d.table("posterior_mean_coef1", i, dtype) * x0 + d.table("posterior_mean_coef2", i, dtype) * x
         if i == 0:
             return mean
-        noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in gens])
         x = mean + torch.exp(0.5 * log_var) * noise
     raise AssertionError("unreachable")
 
@@ -120,40 +122,55 @@ def reference_prior(nets: TinyOriginal, text: TextEncoding, negative: TextEncodi
     return z * nets.clip_std + nets.clip_mean
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> tuple[TinyOriginal, Karlo]:
-    tmp = tmp_path_factory.mktemp("original-sampling")
+def build(tmp, dtype: torch.dtype) -> tuple[TinyOriginal, Karlo]:
+    """Tiny original checkpoints in ``dtype`` and the repo converted from them, loaded in ``dtype``."""
     nets = write_tiny_original(tmp, text_ctx=TEXT_CTX, clip_dim=CLIP_DIM, prior_width=32, prior_heads=PRIOR_HEADS,
                                xf_width=24, head_dim=HEAD_DIM, extra_tokens=4, decoder_size=DECODER_SIZE,
-                               dtype=torch.float32)
+                               dtype=dtype)
     f = nets.files
     out = convert_original(str(f["prior"]), str(f["decoder"]), str(f["sr"]), str(f["stats"]),
                            str(make_tiny_model(tmp / "tiny")), tmp / "converted", prior_num_heads=PRIOR_HEADS,
                            attention_head_dim=HEAD_DIM, decoder_sample_size=DECODER_SIZE, image_size=IMAGE_SIZE)
-    return nets, Karlo.from_pretrained(out)
+    return nets, Karlo.from_pretrained(out, dtype=dtype)
 
 
-def latents(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@pytest.fixture(scope="module", params=[torch.float32, torch.float64], ids=["float32", "float64"])
+def setup(request, tmp_path_factory) -> tuple[TinyOriginal, Karlo]:
+    return build(tmp_path_factory.mktemp("original-sampling"), request.param)
+
+
+def latents(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(123)
-    return (torch.randn(n, CLIP_DIM, generator=g), torch.randn(n, 3, DECODER_SIZE, DECODER_SIZE, generator=g),
-            torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g))
+    return (torch.randn(n, CLIP_DIM, generator=g, dtype=dtype),
+            torch.randn(n, 3, DECODER_SIZE, DECODER_SIZE, generator=g, dtype=dtype),
+            torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g, dtype=dtype))
+
+
+# Largest difference allowed per stage. In float64 both sides compute the same equations and agree to its rounding
+# (prior 2e-14, decoder 3e-12 measured), so the float64 run is the one that catches a small departure from the
+# equations. In float32 the two differently laid out networks round differently, and the decoder's guidance
+# (u + 8 (c - u) carries 15x the rounding of either half) and its sqrt(1/alpha_bar - 1) near t = 999 amplify that:
+# 3.9e-3 and 5.9e-3 measured on two CPUs, so float32 checks the production dtype against gross errors only.
+TOLERANCE = {torch.float32: {"prior": 1e-4, "decoder": 2e-2, "super_res": 1e-4},
+             torch.float64: {"prior": 1e-10, "decoder": 1e-9, "super_res": 1e-10}}
 
 
 @torch.no_grad()
 def test_converted_repo_samples_as_the_reference_sampler(setup):
     nets, karlo = setup
-    n = len(PROMPTS)
-    prior_x, decoder_x, sr_x = latents(n)
+    n, dtype = len(PROMPTS), karlo.dtype
+    prior_x, decoder_x, sr_x = latents(n, dtype)
     gens = [torch.Generator().manual_seed(s) for s in SEEDS]
     guidance = Guidance.of(PRIOR_SCALE, DECODER_SCALE, n)
     text, negative, emb = karlo.run_prior(PROMPTS, gens, guidance, steps=PRIOR_STEPS, latents=prior_x)
     image_64 = karlo.run_decoder(emb, text, negative, gens, guidance, steps=DECODER_STEPS, latents=decoder_x)
     image = karlo.run_super_res(image_64, gens, steps=SUPER_RES_STEPS, latents=sr_x)
-    # generate is these three calls.
+    # generate is these three calls (its embeddings are float32 whatever the model dtype).
     whole = karlo.generate(PROMPTS, SEEDS, prior_steps=PRIOR_STEPS, decoder_steps=DECODER_STEPS,
                            super_res_steps=SUPER_RES_STEPS, prior_latents=prior_x, decoder_latents=decoder_x,
                            super_res_latents=sr_x)
-    assert np.array_equal(whole.image_embeds, emb.numpy()) and np.array_equal(whole.images, to_uint8(image).numpy())
+    assert np.array_equal(whole.image_embeds, emb.float().numpy())
+    assert np.array_equal(whole.images, to_uint8(image).numpy())
 
     ref_gens = [torch.Generator().manual_seed(s) for s in SEEDS]
     prior_err = (reference_prior(nets, text, negative, prior_x, ref_gens) - emb).abs().max().item()
@@ -177,9 +194,9 @@ def test_converted_repo_samples_as_the_reference_sampler(setup):
     ref_image = p_sample_loop(sr_fn, sr_x, ref_gens, SUPER_RES_STEPS, predicts="epsilon", learned_range=False,
                               clamp=1.0)
     sr_err = (ref_image - image).abs().max().item()
-    print(json.dumps({"prior": prior_err, "decoder": decoder_err, "super_res": sr_err,
-                      "prior_max_abs": emb.abs().max().item()}))
-    assert prior_err < 1e-4 and decoder_err < 5e-3 and sr_err < 1e-4
+    errors = {"prior": prior_err, "decoder": decoder_err, "super_res": sr_err}
+    print(json.dumps({"dtype": str(dtype), **errors, "prior_max_abs": emb.abs().max().item()}))
+    assert all(errors[k] < limit for k, limit in TOLERANCE[dtype].items()), (errors, TOLERANCE[dtype])
     assert emb.abs().max() > 1 and image_64.std() > 0.1 and image.std() > 0.1  # not trivially small outputs
 
 
@@ -188,12 +205,12 @@ def test_converted_repo_samples_as_the_reference_sampler(setup):
     {"float64_tables": False},
 ])
 @torch.no_grad()
-def test_the_reference_tells_either_diffusers_difference_apart(setup, change):
+def test_the_reference_tells_either_diffusers_difference_apart(tmp_path, change):
     """With the prior scheduler edited back to either of diffusers' semantics, the prior moves well past 1e-4."""
-    nets, karlo = setup
+    nets, karlo = build(tmp_path, torch.float32)
     prior_cfg = dataclasses.replace(karlo.config.prior_scheduler, **change)
     edited = Karlo(dataclasses.replace(karlo.config, prior_scheduler=prior_cfg), karlo.modules, karlo.tokenizer)
-    prior_x, _, _ = latents(len(PROMPTS))
+    prior_x, _, _ = latents(len(PROMPTS), torch.float32)
     guidance = Guidance.of(PRIOR_SCALE, DECODER_SCALE, len(PROMPTS))
     gens = [torch.Generator().manual_seed(s) for s in SEEDS]
     text, negative, emb = edited.run_prior(PROMPTS, gens, guidance, steps=PRIOR_STEPS, latents=prior_x)
